@@ -1,0 +1,136 @@
+"""The on-disk form of one model version: ``model.joblib`` (+ ``model.onnx``) and ``manifest.json``.
+
+joblib runs code when it loads, so nothing is unpickled before every file's sha256 matched the
+manifest. The manifest is the contract the server, the registry and the deploy tooling read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mlpipe.errors import IntegrityError, NotFound
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.joblib"
+ONNX_FILE = "model.onnx"
+SCHEMA = 1
+
+# pandas/numpy dtype -> Open Inference Protocol datatype
+_OIP = {"float64": "FP64", "float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32",
+        "int16": "INT16", "int8": "INT8", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32",
+        "uint64": "UINT64", "bool": "BOOL", "object": "BYTES", "string": "BYTES", "category": "BYTES"}
+
+
+def oip_datatype(dtype: str) -> str:
+    return _OIP.get(str(dtype), "BYTES")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def library_versions() -> dict:
+    import joblib
+    import numpy
+    import sklearn
+    out = {"python": platform.python_version(), "scikit-learn": sklearn.__version__,
+           "numpy": numpy.__version__, "joblib": joblib.__version__}
+    try:
+        import pandas
+        out["pandas"] = pandas.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def content_id(name: str, files: dict, created: str) -> str:
+    h = hashlib.sha256(name.encode())
+    for fname in sorted(files):
+        h.update(f"{fname}:{files[fname]['sha256']}".encode())
+    h.update(created.encode())
+    return h.hexdigest()[:8]
+
+
+def write_dir(dest: Path, model: Any, manifest: dict, extra_files: dict[str, bytes] | None = None) -> dict:
+    """Write model + manifest into ``dest`` (a fresh folder); fill in files, id. Returns the manifest."""
+    import joblib
+    dest.mkdir(parents=True, exist_ok=True)
+    joblib.dump(model, dest / MODEL_FILE)
+    files = {MODEL_FILE: {"sha256": sha256_file(dest / MODEL_FILE), "size": (dest / MODEL_FILE).stat().st_size}}
+    for fname, data in (extra_files or {}).items():
+        (dest / fname).write_bytes(data)
+        files[fname] = {"sha256": sha256_bytes(data), "size": len(data)}
+    manifest = dict(manifest)
+    manifest["files"] = files
+    manifest.setdefault("created", utcnow())
+    manifest["id"] = content_id(manifest["name"], files, manifest["created"])
+    manifest["schema"] = SCHEMA
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise NotFound(f"no {MANIFEST} in {directory}", hint="pull a version with 'mlpipe models pull'")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise IntegrityError(f"{path} is not valid JSON ({exc.msg})", hint="pull the version again") from None
+
+
+def verify_dir(directory: Path, manifest: dict | None = None, only: list[str] | None = None) -> dict:
+    """Check every file the manifest lists (or just ``only``) against its sha256."""
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    files = manifest.get("files") or {}
+    if MODEL_FILE not in files:
+        raise IntegrityError(f"manifest in {directory} lists no {MODEL_FILE}", hint="the artifact is incomplete; pull it again")
+    for fname in only or list(files):
+        meta = files.get(fname)
+        if meta is None:
+            raise IntegrityError(f"{fname} is not listed in the manifest of {directory}")
+        path = directory / fname
+        if not path.is_file():
+            raise IntegrityError(f"{path} is missing", hint="pull the version again")
+        digest = sha256_file(path)
+        if digest != meta["sha256"]:
+            raise IntegrityError(
+                f"sha256 mismatch for {path}: manifest says {meta['sha256'][:12]}…, file is {digest[:12]}…",
+                hint="the artifact was modified or corrupted; refusing to load it. Pull a fresh copy from the registry")
+    return manifest
+
+
+def load_model(directory: Path, manifest: dict | None = None):
+    """Verify, then unpickle. Returns (model, manifest)."""
+    import joblib
+    manifest = verify_dir(directory, manifest, only=[MODEL_FILE])
+    return joblib.load(Path(directory) / MODEL_FILE), manifest
+
+
+def stage_copy(src: Path, dest_parent: Path) -> Path:
+    """Copy an artifact folder next to its final place (for an atomic rename afterwards)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=dest_parent))
+    for item in Path(src).iterdir():
+        shutil.copy2(item, tmp / item.name)
+    os.chmod(tmp, 0o755)
+    return tmp

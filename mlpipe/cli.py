@@ -1,0 +1,313 @@
+"""The ``mlpipe`` command: thin click wrappers over the library; errors become exit codes."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from mlpipe import __version__
+from mlpipe.errors import MlpipeError
+
+EXIT_USAGE = 3
+
+
+def _common(f):
+    """--json, --registry and --cache on every command."""
+    f = click.option("--cache", envvar="MLPIPE_CACHE", default=None, metavar="URL",
+                     help="Redis cache in front of the registry, e.g. redis://127.0.0.1:6379/0 [env MLPIPE_CACHE].")(f)
+    f = click.option("--registry", envvar="MLPIPE_REGISTRY", default=None, metavar="URL",
+                     help="Registry: a path, file://PATH or s3://bucket/prefix [env MLPIPE_REGISTRY; default ./.mlpipe/registry].")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")(f)
+    return f
+
+
+def _registry(registry, cache):
+    from mlpipe.registry import Registry
+    return Registry(registry, cache)
+
+
+def _emit(obj, as_json: bool, text: str | None = None):
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    elif text is not None:
+        click.echo(text)
+
+
+def _date_log(iso: str) -> str:
+    d = datetime.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S")
+    return f"{d:%a %b} {d.day} {d:%H:%M %Y} +0000"
+
+
+def _metric_label(name: str) -> str:
+    return "-".join(p.upper() if len(p) <= 2 else p.capitalize() for p in name.split("_"))
+
+
+def _params(p: dict) -> str:
+    return ";".join(f"{k}={v}" for k, v in p.items())
+
+
+def _show_text(m: dict, aliases: list[str]) -> str:
+    lines = [f"Model-ID: {m['id']}", f"Model-Name: {m['name']}", f"Model-Version: {m['version']}",
+             f"Date: {m['created'][:19].replace('T', ' ')}",
+             f"Content-Encoding: {', '.join(('onnx' if f.endswith('.onnx') else 'joblib') for f in sorted(m['files']))}",
+             f"Algo: {m['algo']}"]
+    lines += [f"{_metric_label(k)}: {v:.4g}" for k, v in m.get("metrics", {}).items()]
+    lines.append(f"Parameters: {_params(m.get('params', {}))}")
+    lines.append(f"Data: {m['data']['source']} ({m['data']['rows']} rows, fingerprint {m['data']['fingerprint'][:12]})")
+    if aliases:
+        lines.append(f"Aliases: {', '.join(aliases)}")
+    if m.get("message"):
+        lines.append(f"Message: {m['message']}")
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mlpipe")
+def cli():
+    """mlpipe: train scikit-learn models from a YAML spec, keep every version in a registry,
+    serve them over REST and roll them out to a fleet.
+
+    \b
+    Example:
+      mlpipe train examples/credit-risk.yml -m "first model"
+      mlpipe models list
+    """
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC.yml")
+@click.option("-m", "--message", default="", help="Why this version exists (shown by models log).")
+@click.option("--data", "data_source", default=None, help="Override the spec's data.source.")
+@click.option("--no-onnx", is_flag=True, help="Do not try to compile the model to ONNX.")
+@_common
+def train(spec_path, message, data_source, no_onnx, as_json, registry, cache):
+    """Train the model a pipeline spec describes and register it as the next version.
+
+    \b
+    Example:
+      mlpipe train examples/credit-risk.yml -m "Updated model with August data"
+    """
+    from mlpipe import spec as spec_mod
+    from mlpipe import train as train_mod
+    spec = spec_mod.load(spec_path)
+    if data_source:
+        spec.data["source"] = data_source
+    reg = _registry(registry, cache)
+    with tempfile.TemporaryDirectory(prefix="mlpipe-train-") as tmp:
+        train_mod.train(spec, Path(tmp), message=message, onnx=False if no_onnx else None)
+        manifest = reg.register(Path(tmp))
+    metrics = " ".join(f"{k}={v:.4f}" for k, v in manifest["metrics"].items())
+    _emit(manifest, as_json, f"registered {manifest['name']}:{manifest['version']} (id {manifest['id']}) {metrics}")
+
+
+@cli.group()
+def models():
+    """List, inspect, promote, roll back and pull registered model versions.
+
+    \b
+    Example:
+      mlpipe models show credit-risk@production
+    """
+
+
+@models.command("list")
+@_common
+def models_list(as_json, registry, cache):
+    """One line per model: latest version and its aliases.
+
+    \b
+    Example:
+      mlpipe models list --registry s3://ml-models/prod
+    """
+    reg = _registry(registry, cache)
+    rows = []
+    for name in reg.models():
+        versions = reg.versions(name)
+        aliases = reg.aliases(name)
+        rows.append({"name": name, "latest": versions[-1], "versions": len(versions), "aliases": aliases})
+    width = max([len(r["name"]) for r in rows] + [4])
+    text = "\n".join(
+        f"{r['name']:<{width}}  v{r['latest']:<4} " + " ".join(a if v == r["latest"] else f"{a}=v{v}" for a, v in r["aliases"].items())
+        for r in rows).rstrip() if rows else f"no models in {reg.url}"
+    _emit(rows, as_json, "\n".join(line.rstrip() for line in text.splitlines()))
+
+
+@models.command("log")
+@click.argument("name", required=False)
+@_common
+def models_log(name, as_json, registry, cache):
+    """Every version, newest first, with its message (like git log).
+
+    \b
+    Example:
+      mlpipe models log credit-risk
+    """
+    from mlpipe.registry import iter_log
+    reg = _registry(registry, cache)
+    entries = iter_log(reg, [name] if name else None)
+    blocks = []
+    for m in entries:
+        blocks.append(f"Model-ID: {m['id']}\nModel-Name: {m['name']}\nModel-Version: {m['version']}\n"
+                      f"Date: {_date_log(m['created'])}\n\n    {m.get('message') or '(no message)'}\n")
+    _emit([{k: m.get(k) for k in ("id", "name", "version", "created", "message", "metrics")} for m in entries],
+          as_json, "\n".join(blocks).rstrip() if blocks else f"no models in {reg.url}")
+
+
+@models.command("show")
+@click.argument("ref")
+@_common
+def models_show(ref, as_json, registry, cache):
+    """Details of one version: NAME:VERSION, NAME@ALIAS or NAME (latest).
+
+    \b
+    Example:
+      mlpipe models show credit-risk:4
+    """
+    reg = _registry(registry, cache)
+    name, version = reg.resolve(ref)
+    m = reg.manifest(name, version)
+    aliases = [a for a, v in reg.aliases(name).items() if v == version]
+    _emit({**m, "aliases": aliases}, as_json, _show_text(m, aliases))
+
+
+@models.command("history")
+@click.argument("name")
+@_common
+def models_history(name, as_json, registry, cache):
+    """The ledger of a model: registrations, promotions, deploys per host, rollbacks, and why.
+
+    \b
+    Example:
+      mlpipe models history credit-risk
+    """
+    reg = _registry(registry, cache)
+    reg._require_model(name)
+    events = reg.events(name)
+    lines = []
+    for e in events:
+        where = f" on {e['host']}" if e.get("host") else ""
+        alias = f" @{e['alias']}" if e.get("alias") else ""
+        prev = f" (was v{e['previous']})" if e.get("previous") not in (None, "") else ""
+        why = e.get("reason") or e.get("message") or ""
+        lines.append(f"{e['at'][:19].replace('T', ' ')}  {e['event']:<12} v{e.get('version', '?')}{alias}{where}{prev}"
+                     f"  by {e.get('by', '?')}{('  ' + why) if why else ''}")
+    _emit(events, as_json, "\n".join(lines) if lines else f"no events for {name}")
+
+
+@models.command("promote")
+@click.argument("ref")
+@click.option("--alias", required=True, help="Alias to point at this version, e.g. production.")
+@click.option("--reason", default="", help="Why (kept in the ledger).")
+@_common
+def models_promote(ref, alias, reason, as_json, registry, cache):
+    """Point an alias at a version.
+
+    \b
+    Example:
+      mlpipe models promote credit-risk:4 --alias production --reason "beats v3 on August holdout"
+    """
+    from mlpipe.registry import parse_ref
+    reg = _registry(registry, cache)
+    entry = reg.promote(ref, alias, reason)
+    name = parse_ref(ref)[0]
+    _emit(entry, as_json, f"{name}@{alias} -> v{entry['version']}")
+
+
+@models.command("rollback")
+@click.argument("name")
+@click.option("--alias", default="production", show_default=True, help="Alias to move back.")
+@click.option("--reason", default="", help="Why (kept in the ledger).")
+@_common
+def models_rollback(name, alias, reason, as_json, registry, cache):
+    """Move an alias back to the version it pointed at before.
+
+    \b
+    Example:
+      mlpipe models rollback credit-risk --alias production
+    """
+    reg = _registry(registry, cache)
+    entry = reg.rollback(name, alias, reason)
+    _emit(entry, as_json, f"{name}@{alias} -> v{entry['version']}")
+
+
+@models.command("pull")
+@click.argument("ref")
+@click.option("--dest", required=True, type=click.Path(file_okay=False), help="Folder that holds <N>/ version folders.")
+@click.option("--activate", is_flag=True, help="Also switch the 'current' symlink to this version (atomically).")
+@click.option("--keep", default=3, show_default=True, help="With --activate: version folders to keep.")
+@_common
+def models_pull(ref, dest, activate, keep, as_json, registry, cache):
+    """Copy a version, verified by sha256, into DEST/<N>/.
+
+    \b
+    Example:
+      mlpipe models pull credit-risk@production --dest /srv/models/credit-risk --activate
+    """
+    reg = _registry(registry, cache)
+    path, manifest, changed = reg.pull(ref, dest)
+    out = {"path": str(path), "name": manifest["name"], "version": manifest["version"], "id": manifest["id"], "changed": changed}
+    if activate:
+        from mlpipe import hostdir
+        out["switched"] = hostdir.activate(Path(dest), manifest["version"], keep=keep)
+        out["changed"] = changed or out["switched"]
+    _emit(out, as_json, f"{manifest['name']}:{manifest['version']} -> {path}" + (" (already there)" if not changed else "")
+          + (" [current]" if activate else ""))
+
+
+@cli.command()
+@click.argument("ref", required=False)
+@click.option("--data", "source", default=None, help="Data source to score on (default: the version's training source).")
+@click.option("--min", "mins", multiple=True, metavar="METRIC=V", help="Fail when METRIC < V.")
+@click.option("--max", "maxs", multiple=True, metavar="METRIC=V", help="Fail when METRIC > V.")
+@click.option("--max-regression", "regs", multiple=True, metavar="METRIC=D",
+              help="Fail when METRIC is more than D below the baseline (--against, default @production).")
+@click.option("--against", default=None, help="Baseline version for --max-regression, e.g. credit-risk@production.")
+@_common
+def evaluate(ref, source, mins, maxs, regs, against, as_json, registry, cache):
+    """Check a version against thresholds on a data set; exit 0 pass, 1 fail.
+
+    With no thresholds, the gate of the version's spec is used.
+
+    \b
+    Example:
+      mlpipe evaluate credit-risk:4 --data csv:holdout.csv --min accuracy=0.8
+    """
+    from mlpipe import evaluate as ev
+    from mlpipe.errors import UsageError
+    if not ref:
+        raise UsageError("evaluate needs a model reference", hint="e.g. mlpipe evaluate credit-risk:4 --data csv:holdout.csv")
+    gate = {"min": ev.parse_thresholds(mins, "--min"), "max": ev.parse_thresholds(maxs, "--max"),
+            "max_regression": ev.parse_thresholds(regs, "--max-regression")}
+    gate = {k: v for k, v in gate.items() if v}
+    report = ev.offline(_registry(registry, cache), ref, source, gate or None, against)
+    lines = [f"{report['model']}:{report['version']} on {report['data']['source']} ({report['data']['rows']} rows)"]
+    lines += [f"  {k} = {v:.4f}" for k, v in report["metrics"].items()]
+    lines += [f"  FAIL {x}" for x in ev.describe_failures(report)]
+    lines.append("PASS" if report["passed"] else "FAIL")
+    _emit(report, as_json, "\n".join(lines))
+    if not report["passed"]:
+        sys.exit(1)
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, prog_name="mlpipe", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:  # usage errors: bad option, missing argument
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except MlpipeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,150 @@
+"""Data sources and their fingerprints.
+
+A source is a URI: ``sklearn:NAME`` (data sets scikit-learn ships), ``csv:PATH``,
+``parquet:PATH``, ``s3://bucket/key.(csv|parquet)``, ``sql:SQLALCHEMY_URL#QUERY``.
+The fingerprint is a sha256 of the frame's content (column names, dtypes and every value),
+independent of file format, so "is there new data?" means the content changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from mlpipe.errors import DataError
+
+SCHEMES = ("sklearn:", "csv:", "parquet:", "s3://", "sql:")
+
+
+@dataclass
+class Dataset:
+    frame: pd.DataFrame
+    source: str
+
+    @property
+    def rows(self) -> int:
+        return len(self.frame)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.frame)
+
+
+def check_source_uri(uri: str) -> None:
+    if not isinstance(uri, str) or not uri.startswith(SCHEMES):
+        raise DataError(f"unsupported data source {uri!r}",
+                        hint="use sklearn:NAME, csv:PATH, parquet:PATH, s3://BUCKET/KEY.csv or sql:URL#QUERY")
+    if uri.startswith("sql:") and "#" not in uri:
+        raise DataError(f"sql source {uri!r} has no query",
+                        hint="write sql:sqlite:///path.db#SELECT * FROM table")
+
+
+def resolve_relative(uri: str, base: Path) -> str:
+    for scheme in ("csv:", "parquet:"):
+        if uri.startswith(scheme):
+            p = Path(uri[len(scheme):])
+            if not p.is_absolute() and not p.exists() and (base / p).exists():
+                return scheme + str((base / p).resolve())
+    return uri
+
+
+def fingerprint(frame: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    h.update(repr([(str(c), str(t)) for c, t in frame.dtypes.items()]).encode())
+    h.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
+    return h.hexdigest()
+
+
+def _sklearn(name: str) -> pd.DataFrame:
+    import sklearn.datasets as ds
+    loader = getattr(ds, f"load_{name}", None)
+    if loader is None:
+        shipped = sorted(n[5:] for n in dir(ds) if n.startswith("load_") and n not in ("load_files", "load_svmlight_file", "load_svmlight_files", "load_sample_image", "load_sample_images"))
+        raise DataError(f"unknown scikit-learn data set '{name}'", hint=f"shipped data sets: {', '.join(shipped)}")
+    try:
+        bunch = loader(as_frame=True)
+    except TypeError:
+        raise DataError(f"scikit-learn data set '{name}' cannot be loaded as a table") from None
+    return bunch.frame
+
+
+def _s3_client():
+    import boto3
+    from botocore.config import Config
+    return boto3.client("s3", endpoint_url=os.environ.get("MLPIPE_S3_ENDPOINT_URL") or None,
+                        config=Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=30))
+
+
+def _s3(uri: str) -> pd.DataFrame:
+    from botocore.exceptions import BotoCoreError, ClientError
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket or not key:
+        raise DataError(f"s3 source {uri!r} needs a bucket and a key", hint="write s3://bucket/path/data.csv")
+    try:
+        body = _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        raise DataError(f"cannot read {uri}: {code or exc}",
+                        hint="check the bucket and key, and the credentials in the environment") from None
+    except BotoCoreError as exc:
+        raise DataError(f"cannot reach S3 for {uri}: {exc}",
+                        hint="check MLPIPE_S3_ENDPOINT_URL and the network") from None
+    if key.endswith(".parquet"):
+        return pd.read_parquet(io.BytesIO(body))
+    return pd.read_csv(io.BytesIO(body))
+
+
+def _sql(uri: str) -> pd.DataFrame:
+    import sqlalchemy
+    url, _, query = uri[len("sql:"):].partition("#")
+    try:
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect() as conn:
+            return pd.read_sql(sqlalchemy.text(query), conn)
+    except Exception as exc:  # driver errors vary; keep the message, drop credentials
+        safe = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
+        raise DataError(f"cannot run query on {safe}: {str(exc).splitlines()[0]}",
+                        hint="check the URL, the table and the query") from None
+
+
+def load(uri: str) -> Dataset:
+    check_source_uri(uri)
+    try:
+        if uri.startswith("sklearn:"):
+            frame = _sklearn(uri[len("sklearn:"):])
+        elif uri.startswith("csv:"):
+            frame = pd.read_csv(uri[len("csv:"):])
+        elif uri.startswith("parquet:"):
+            frame = pd.read_parquet(uri[len("parquet:"):])
+        elif uri.startswith("s3://"):
+            frame = _s3(uri)
+        else:
+            frame = _sql(uri)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"data file for {uri} not found", hint="check the path (relative paths are relative to the spec's folder)") from None
+    except Exception as exc:
+        raise DataError(f"cannot read {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if frame.empty:
+        raise DataError(f"data source {uri} has no rows")
+    return Dataset(frame=frame, source=uri)
+
+
+def split_xy(ds: Dataset, target: str, features: list | None = None):
+    cols = list(ds.frame.columns)
+    if target not in cols:
+        raise DataError(f"target column '{target}' not in {ds.source}",
+                        hint=f"columns are: {', '.join(map(str, cols[:20]))}{' ...' if len(cols) > 20 else ''}")
+    if features:
+        missing = [f for f in features if f not in cols]
+        if missing:
+            raise DataError(f"feature column(s) {', '.join(missing)} not in {ds.source}",
+                            hint=f"columns are: {', '.join(map(str, cols[:20]))}")
+    else:
+        features = [c for c in cols if c != target]
+    return ds.frame[features], ds.frame[target]

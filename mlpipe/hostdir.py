@@ -1,0 +1,66 @@
+"""A serving host's model folder::
+
+    <dir>/<N>/               pulled, verified versions (the last K kept)
+    <dir>/current  -> <N>    switched atomically: a new symlink renamed over the old one
+    <dir>/previous -> <N-1>
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from mlpipe.errors import NotFound
+
+
+def _target(link: Path) -> int | None:
+    try:
+        t = os.readlink(link)
+    except OSError:
+        return None
+    name = Path(t).name
+    return int(name) if name.isdigit() else None
+
+
+def current(directory: Path) -> int | None:
+    return _target(Path(directory) / "current")
+
+
+def previous(directory: Path) -> int | None:
+    return _target(Path(directory) / "previous")
+
+
+def _link(directory: Path, name: str, version: int) -> None:
+    tmp = directory / f".{name}.tmp.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(str(version), tmp)  # relative: the folder can move
+    os.replace(tmp, directory / name)
+
+
+def activate(directory: Path, version: int, keep: int = 3) -> bool:
+    """Point ``current`` at ``version`` (and ``previous`` at the old current). Returns changed."""
+    directory = Path(directory)
+    if not (directory / str(version) / "manifest.json").is_file():
+        raise NotFound(f"version {version} is not pulled into {directory}", hint="run mlpipe models pull first")
+    old = current(directory)
+    if old == version:
+        return False
+    if old is not None:
+        _link(directory, "previous", old)
+    _link(directory, "current", version)
+    prune(directory, keep)
+    return True
+
+
+def prune(directory: Path, keep: int) -> list[int]:
+    """Delete version folders beyond the newest ``keep``, never current or previous."""
+    directory = Path(directory)
+    protected = {current(directory), previous(directory)}
+    versions = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and not p.is_symlink())
+    removed = []
+    for v in versions[:-keep] if keep > 0 else versions:
+        if v not in protected:
+            shutil.rmtree(directory / str(v), ignore_errors=True)
+            removed.append(v)
+    return removed

@@ -1,0 +1,526 @@
+"""A versioned store of model artifacts, the same layout on every backend::
+
+    <root>/<model>/versions/<N>/manifest.json      written last: a version exists iff this exists
+    <root>/<model>/versions/<N>/model.joblib (+ model.onnx)
+    <root>/<model>/claims/<N>                      version numbers taken (exclusive create)
+    <root>/<model>/aliases/<alias>.json            {version, set_at, set_by, reason, history}
+    <root>/<model>/events/<timestamp>-<id>.json    append-only ledger
+
+Backends: ``file://PATH`` (the default, ``./.mlpipe/registry``) and ``s3://bucket/prefix``
+(any S3-compatible endpoint via ``MLPIPE_S3_ENDPOINT_URL``). A Redis cache (``redis://``) may sit in
+front for immutable keys (manifests and artifact bytes); it is never the source of truth and a dead
+Redis only costs speed.
+
+Version numbers are allocated by an exclusive create of ``claims/<N>`` (``O_EXCL`` link on files,
+``If-None-Match: *`` on S3), so concurrent registrations never share a number; the files go up
+next, the manifest last, so a registration that dies midway leaves no visible version.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from mlpipe import artifact
+from mlpipe.errors import Conflict, IntegrityError, NotFound, RegistryError, UsageError
+from mlpipe.spec import NAME_RE
+
+log = logging.getLogger("mlpipe.registry")
+
+DEFAULT_REGISTRY = "./.mlpipe/registry"
+ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+REF_RE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9-]*)(?::(?P<version>\d+|latest)|@(?P<alias>[a-z][a-z0-9_-]*))?$")
+
+
+# ---------------------------------------------------------------------------------------- stores
+class Store:
+    url: str
+
+    def get(self, key: str) -> bytes: ...
+    def put(self, key: str, data: bytes, exclusive: bool = False) -> None: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+
+    def get_json(self, key: str) -> dict:
+        try:
+            return json.loads(self.get(key))
+        except json.JSONDecodeError as exc:
+            raise IntegrityError(f"{self.url}/{key} is not valid JSON ({exc.msg})") from None
+
+
+class FileStore(Store):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.url = f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        except OSError as exc:
+            raise RegistryError(f"cannot read {self._path(key)}: {exc.strerror}") from None
+
+    def put(self, key: str, data: bytes, exclusive: bool = False) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if exclusive:
+                    try:
+                        os.link(tmp, path)  # atomic, fails if the name exists, content complete
+                    except FileExistsError:
+                        raise Conflict(f"{path} already exists") from None
+                else:
+                    os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError as exc:
+            raise RegistryError(f"cannot write {path}: {exc.strerror}",
+                                hint="check the registry path and its permissions") from None
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for f in files:
+                if not f.startswith(".tmp-"):
+                    out.append(str(Path(dirpath, f).relative_to(self.root)).replace(os.sep, "/"))
+        return out
+
+    def list_dirs(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None):
+        import boto3
+        from botocore.config import Config
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url or os.environ.get("MLPIPE_S3_ENDPOINT_URL") or None
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.client = boto3.client("s3", endpoint_url=self.endpoint_url,
+                                   config=Config(retries={"max_attempts": 3, "mode": "standard"},
+                                                 connect_timeout=5, read_timeout=60))
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _error(self, exc: Exception, action: str, key: str):
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+        where = f"s3://{self.bucket}/{self._key(key)}"
+        if isinstance(exc, EndpointConnectionError):
+            return RegistryError(f"cannot reach S3 at {self.endpoint_url or 'the default AWS endpoint'} to {action} {where}",
+                                 hint="check MLPIPE_S3_ENDPOINT_URL and that the S3 service is up")
+        if isinstance(exc, NoCredentialsError):
+            return RegistryError(f"no AWS credentials to {action} {where}",
+                                 hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile")
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code == "NoSuchBucket":
+                return RegistryError(f"S3 bucket '{self.bucket}' does not exist",
+                                     hint=f"create it first (aws s3 mb s3://{self.bucket}) or fix --registry")
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return RegistryError(f"S3 refused to {action} {where}: {code}", hint="check the credentials and the bucket policy")
+            return RegistryError(f"S3 failed to {action} {where}: {code or exc}")
+        return RegistryError(f"S3 failed to {action} {where}: {type(exc).__name__}: {exc}",
+                             hint="check MLPIPE_S3_ENDPOINT_URL and the network")
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise KeyError(key) from None
+            raise self._error(exc, "read", key) from None
+        except Exception as exc:
+            raise self._error(exc, "read", key) from None
+
+    def put(self, key: str, data: bytes, exclusive: bool = False) -> None:
+        from botocore.exceptions import ClientError
+        kwargs = {"IfNoneMatch": "*"} if exclusive else {}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if exclusive and code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                raise Conflict(f"s3://{self.bucket}/{self._key(key)} already exists") from None
+            raise self._error(exc, "write", key) from None
+        except Exception as exc:
+            raise self._error(exc, "write", key) from None
+
+    def list(self, prefix: str) -> list[str]:
+        out = []
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                out.extend(o["Key"][strip:] for o in page.get("Contents", []))
+        except Exception as exc:
+            raise self._error(exc, "list", prefix) from None
+        return out
+
+    def list_dirs(self) -> list[str]:
+        pfx = f"{self.prefix}/" if self.prefix else ""
+        names = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=pfx, Delimiter="/"):
+                names.extend(p["Prefix"][len(pfx):].rstrip("/") for p in page.get("CommonPrefixes", []))
+        except Exception as exc:
+            raise self._error(exc, "list", "") from None
+        return sorted(names)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise self._error(exc, "delete", key) from None
+
+
+class CachedStore(Store):
+    """Read-through Redis cache for immutable keys (anything under ``/versions/``)."""
+
+    def __init__(self, inner: Store, redis_url: str, ttl: int = 7 * 24 * 3600):
+        import redis
+        self.inner = inner
+        self.url = inner.url
+        self.redis_url = redis_url
+        self.ttl = ttl
+        self.redis = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self._dead = False
+        self.hits = self.misses = 0
+
+    def _ck(self, key: str) -> str:
+        return f"mlpipe:{self.inner.url}:{key}"
+
+    def _warn(self, exc: Exception) -> None:
+        if not self._dead:
+            safe = re.sub(r"//[^@/]*@", "//***@", self.redis_url)
+            log.warning("Redis cache at %s is unavailable (%s); reading from %s directly", safe,
+                        type(exc).__name__, self.inner.url)
+        self._dead = True
+
+    @staticmethod
+    def cacheable(key: str) -> bool:
+        return "/versions/" in key
+
+    def get(self, key: str) -> bytes:
+        import redis
+        if self.cacheable(key) and not self._dead:
+            try:
+                hit = self.redis.get(self._ck(key))
+                if hit is not None:
+                    self.hits += 1
+                    return hit
+            except redis.RedisError as exc:
+                self._warn(exc)
+        data = self.inner.get(key)
+        self.misses += 1
+        if self.cacheable(key) and not self._dead:
+            self._fill(key, data)
+        return data
+
+    def _fill(self, key: str, data: bytes) -> None:
+        import redis
+        try:
+            self.redis.set(self._ck(key), data, ex=self.ttl)
+        except redis.RedisError as exc:
+            self._warn(exc)
+
+    def put(self, key: str, data: bytes, exclusive: bool = False) -> None:
+        self.inner.put(key, data, exclusive)
+
+    def list(self, prefix: str) -> list[str]:
+        return self.inner.list(prefix)
+
+    def list_dirs(self) -> list[str]:
+        return self.inner.list_dirs()
+
+    def delete(self, key: str) -> None:
+        import redis
+        self.inner.delete(key)
+        if not self._dead:
+            try:
+                self.redis.delete(self._ck(key))
+            except redis.RedisError as exc:
+                self._warn(exc)
+
+
+def open_store(url: str | None = None, cache: str | None = None) -> Store:
+    url = url or os.environ.get("MLPIPE_REGISTRY") or DEFAULT_REGISTRY
+    cache = cache if cache is not None else os.environ.get("MLPIPE_CACHE")
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[5:].partition("/")
+        if not bucket:
+            raise UsageError(f"registry URL {url!r} has no bucket", hint="write s3://bucket/prefix")
+        store: Store = S3Store(bucket, prefix)
+    elif url.startswith("file://"):
+        store = FileStore(url[7:])
+    elif "://" in url:
+        raise UsageError(f"unsupported registry URL {url!r}", hint="use file://PATH, a plain path, or s3://bucket/prefix")
+    else:
+        store = FileStore(url)
+    if cache:
+        if not cache.startswith(("redis://", "rediss://", "unix://")):
+            raise UsageError(f"unsupported cache URL {cache!r}", hint="use redis://host:port/db")
+        store = CachedStore(store, cache)
+    return store
+
+
+# -------------------------------------------------------------------------------------- registry
+def whoami() -> str:
+    if os.environ.get("MLPIPE_USER"):
+        return os.environ["MLPIPE_USER"]
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
+    m = REF_RE.match(ref or "")
+    if not m:
+        raise UsageError(f"'{ref}' is not a model reference",
+                         hint="write NAME, NAME:VERSION (credit-risk:4) or NAME@ALIAS (credit-risk@production)")
+    v = m.group("version")
+    return m.group("name"), (int(v) if v and v != "latest" else None), m.group("alias")
+
+
+class Registry:
+    def __init__(self, url: str | None = None, cache: str | None = None, store: Store | None = None):
+        self.store = store or open_store(url, cache)
+        self.url = self.store.url
+
+    # -- reading
+    def models(self) -> list[str]:
+        return [n for n in self.store.list_dirs() if NAME_RE.match(n) and self.versions(n)]
+
+    def versions(self, name: str) -> list[int]:
+        out = []
+        for key in self.store.list(f"{name}/versions/"):
+            parts = key.split("/")
+            if len(parts) == 4 and parts[3] == artifact.MANIFEST and parts[2].isdigit():
+                out.append(int(parts[2]))
+        return sorted(out)
+
+    def _require_model(self, name: str) -> list[int]:
+        versions = self.versions(name)
+        if not versions:
+            known = self.models()
+            raise NotFound(f"unknown model '{name}' in registry {self.url}",
+                           hint=f"known models: {', '.join(known)}" if known else "train one first: mlpipe train SPEC.yml")
+        return versions
+
+    def manifest(self, name: str, version: int) -> dict:
+        try:
+            return self.store.get_json(f"{name}/versions/{version}/{artifact.MANIFEST}")
+        except KeyError:
+            versions = self._require_model(name)
+            raise NotFound(f"model '{name}' has no version {version}",
+                           hint=f"versions are {', '.join(map(str, versions))}") from None
+
+    def resolve(self, ref: str) -> tuple[str, int]:
+        name, version, alias = parse_ref(ref)
+        if alias:
+            a = self.alias(name, alias)
+            if a is None:
+                self._require_model(name)
+                known = ", ".join(self.aliases(name)) or "none"
+                raise NotFound(f"model '{name}' has no alias '{alias}'",
+                               hint=f"aliases are: {known}; set one with mlpipe models promote {name}:N --alias {alias}")
+            return name, int(a["version"])
+        if version is None:
+            return name, self._require_model(name)[-1]
+        return name, version
+
+    def get(self, ref: str) -> dict:
+        return self.manifest(*self.resolve(ref))
+
+    def alias(self, name: str, alias: str) -> dict | None:
+        try:
+            return self.store.get_json(f"{name}/aliases/{alias}.json")
+        except KeyError:
+            return None
+
+    def aliases(self, name: str) -> dict[str, int]:
+        out = {}
+        for key in self.store.list(f"{name}/aliases/"):
+            if key.endswith(".json"):
+                a = self.alias(name, key.rsplit("/", 1)[1][:-5])
+                if a is not None:
+                    out[key.rsplit("/", 1)[1][:-5]] = int(a["version"])
+        return dict(sorted(out.items()))
+
+    def events(self, name: str) -> list[dict]:
+        keys = sorted(k for k in self.store.list(f"{name}/events/") if k.endswith(".json"))
+        return [self.store.get_json(k) for k in keys]
+
+    # -- writing
+    def record(self, name: str, event: str, **fields) -> dict:
+        at = artifact.utcnow()
+        entry = {"event": event, "model": name, "at": at, "by": whoami(), **fields}
+        stamp = at.replace("-", "").replace(":", "")
+        self.store.put(f"{name}/events/{stamp}-{secrets.token_hex(4)}.json",
+                       json.dumps(entry, sort_keys=True, default=str).encode(), exclusive=True)
+        return entry
+
+    def _claim(self, name: str) -> int:
+        taken = [int(k.rsplit("/", 1)[1]) for k in self.store.list(f"{name}/claims/") if k.rsplit("/", 1)[1].isdigit()]
+        n = max(taken + self.versions(name) + [0]) + 1
+        claim = json.dumps({"by": whoami(), "pid": os.getpid(), "at": artifact.utcnow()}).encode()
+        for _ in range(1000):
+            try:
+                self.store.put(f"{name}/claims/{n}", claim, exclusive=True)
+                return n
+            except Conflict:
+                n += 1
+        raise RegistryError(f"could not allocate a version number for '{name}'")  # pragma: no cover
+
+    def register(self, workdir: Path, message: str | None = None) -> dict:
+        """Upload an unregistered artifact folder as the next version. Returns its manifest."""
+        workdir = Path(workdir)
+        manifest = artifact.verify_dir(workdir)
+        name = manifest["name"]
+        if message is not None:
+            manifest["message"] = message
+        n = self._claim(name)
+        manifest["version"] = n
+        uploaded = []
+        try:
+            for fname in manifest["files"]:
+                key = f"{name}/versions/{n}/{fname}"
+                self.store.put(key, (workdir / fname).read_bytes(), exclusive=True)
+                uploaded.append(key)
+            self.store.put(f"{name}/versions/{n}/{artifact.MANIFEST}",
+                           json.dumps(manifest, indent=2, default=str).encode(), exclusive=True)
+        except BaseException:
+            for key in uploaded:  # best effort: the version is invisible without its manifest anyway
+                try:
+                    self.store.delete(key)
+                except Exception:
+                    pass
+            raise
+        try:
+            self.record(name, "registered", version=n, id=manifest["id"], message=manifest.get("message", ""),
+                        metrics=manifest.get("metrics"))
+        except Exception as exc:  # the version exists; a missing ledger line must not hide it
+            log.warning("version %s:%s registered but its ledger event failed: %s", name, n, exc)
+        return manifest
+
+    def promote(self, ref: str, alias: str, reason: str = "") -> dict:
+        if not ALIAS_RE.match(alias):
+            raise UsageError(f"'{alias}' is not a valid alias", hint="use lowercase letters, digits, '-' or '_', starting with a letter")
+        name, version = self.resolve(ref)
+        self.manifest(name, version)  # must exist
+        old = self.alias(name, alias)
+        history = list((old or {}).get("history", []))
+        if old is not None and int(old["version"]) != version:
+            history.append(int(old["version"]))
+        elif old is not None:
+            return old  # already there: nothing changes, nothing recorded
+        entry = {"version": version, "set_at": artifact.utcnow(), "set_by": whoami(), "reason": reason,
+                 "history": history[-50:]}
+        self.store.put(f"{name}/aliases/{alias}.json", json.dumps(entry, sort_keys=True).encode())
+        self.record(name, "promoted", version=version, alias=alias, previous=(old or {}).get("version"), reason=reason)
+        return entry
+
+    def rollback(self, name: str, alias: str, reason: str = "") -> dict:
+        old = self.alias(name, alias)
+        if old is None:
+            self._require_model(name)
+            raise NotFound(f"model '{name}' has no alias '{alias}' to roll back")
+        history = list(old.get("history", []))
+        if not history:
+            raise UsageError(f"alias {name}@{alias} has no earlier version to roll back to",
+                             hint=f"it was only ever set to v{old['version']}; promote another version instead")
+        target = history.pop()
+        entry = {"version": target, "set_at": artifact.utcnow(), "set_by": whoami(),
+                 "reason": reason or f"rollback from v{old['version']}", "history": history}
+        self.store.put(f"{name}/aliases/{alias}.json", json.dumps(entry, sort_keys=True).encode())
+        self.record(name, "rolled_back", version=target, alias=alias, previous=old["version"], reason=entry["reason"])
+        return entry
+
+    def fetch(self, name: str, version: int) -> tuple[dict, dict[str, bytes]]:
+        """Read a version's files and verify them in memory against the manifest."""
+        manifest = self.manifest(name, version)
+        blobs = {}
+        for fname, meta in manifest["files"].items():
+            try:
+                data = self.store.get(f"{name}/versions/{version}/{fname}")
+            except KeyError:
+                raise IntegrityError(f"{name}:{version} is missing {fname} in {self.url}") from None
+            digest = artifact.sha256_bytes(data)
+            if digest != meta["sha256"]:
+                raise IntegrityError(
+                    f"{name}:{version} {fname} in {self.url} does not match its manifest "
+                    f"(sha256 {digest[:12]}…, expected {meta['sha256'][:12]}…)",
+                    hint="the artifact was tampered with or corrupted; it will not be loaded. Register a new version")
+            blobs[fname] = data
+        return manifest, blobs
+
+    def pull(self, ref: str, dest: str | Path) -> tuple[Path, dict, bool]:
+        """Copy a verified version into ``dest/<N>/``. Returns (path, manifest, changed)."""
+        name, version = self.resolve(ref)
+        dest = Path(dest)
+        final = dest / str(version)
+        if final.is_dir():
+            try:
+                manifest = artifact.verify_dir(final)
+                if manifest.get("id") == self.manifest(name, version).get("id"):
+                    return final, manifest, False
+            except (IntegrityError, NotFound):
+                pass
+        manifest, blobs = self.fetch(name, version)
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".pull-{version}-", dir=dest))
+        try:
+            for fname, data in blobs.items():
+                (tmp / fname).write_bytes(data)
+            (tmp / artifact.MANIFEST).write_text(json.dumps(manifest, indent=2))
+            artifact.verify_dir(tmp)
+            os.chmod(tmp, 0o755)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final, manifest, True
+
+
+def iter_log(reg: Registry, names: Iterable[str] | None = None) -> list[dict]:
+    """Every version's manifest, newest first (what ``mlpipe models log`` shows)."""
+    out = []
+    for name in names or reg.models():
+        for v in reg._require_model(name):
+            out.append(reg.manifest(name, v))
+    return sorted(out, key=lambda m: (m.get("created", ""), m["name"], m["version"]), reverse=True)
