@@ -25,7 +25,7 @@ SCHEMA = 1
 # pandas/numpy dtype -> Open Inference Protocol datatype
 _OIP = {"float64": "FP64", "float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32",
         "int16": "INT16", "int8": "INT8", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32",
-        "uint64": "UINT64", "bool": "BOOL", "object": "BYTES", "string": "BYTES", "category": "BYTES"}
+        "uint64": "UINT64", "bool": "BOOL", "object": "BYTES", "string": "BYTES", "str": "BYTES", "category": "BYTES"}
 
 
 def oip_datatype(dtype: str) -> str:

@@ -1,0 +1,133 @@
+"""Shared fixtures. Real servers (redis-server, moto_server) run as child processes on free ports
+and are stopped (and reaped) by the fixture that started them."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+BIN = Path(sys.executable).parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{proc.args[0]} did not listen on {host}:{port} within {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def which(name: str) -> str:
+    path = shutil.which(name, path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin:/usr/bin")
+    if not path:
+        pytest.fail(f"{name} is not installed: run 'make test' (it installs what the suite needs)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    port = free_port()
+    d = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port("127.0.0.1", port, proc)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen([which("moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    try:
+        wait_port("127.0.0.1", port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+        log.close()
+
+
+@pytest.fixture(autouse=True)
+def _aws_env(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("MLPIPE_REGISTRY", raising=False)
+    monkeypatch.delenv("MLPIPE_CACHE", raising=False)
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, monkeypatch):
+    import boto3
+    monkeypatch.setenv("MLPIPE_S3_ENDPOINT_URL", moto_endpoint)
+    name = f"mlpipe-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def registry_path(tmp_path):
+    return tmp_path / "registry"
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    """Write a spec (a dict or YAML text) to a file and return its path."""
+    import yaml
+
+    def _write(content, name: str = "spec.yml") -> Path:
+        p = tmp_path / name
+        p.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
+        return p
+    return _write
+
+
+def small_spec(name: str = "toy", **overrides) -> dict:
+    spec = {"name": name,
+            "data": {"source": "sklearn:breast_cancer", "target": "target"},
+            "split": {"test_size": 0.25, "random_state": 3, "stratify": True},
+            "model": {"estimator": "sklearn.linear_model.LogisticRegression", "params": {"max_iter": 3000}},
+            "metrics": ["accuracy", "f1_macro"],
+            "gate": {"min": {"accuracy": 0.8}}}
+    spec.update(overrides)
+    return spec
+
+
+def run_cli(*args, env=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mlpipe", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=timeout)

@@ -1,0 +1,55 @@
+import json
+
+import pytest
+
+from mlpipe import artifact, spec, train
+from mlpipe.errors import IntegrityError
+from conftest import EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("art") / "v"
+    train.train(spec.load(EXAMPLES / "hello-world.yml"), d)
+    return d
+
+
+def test_load_verifies_then_loads(built):
+    model, manifest = artifact.load_model(built)
+    assert manifest["name"] == "hello-world"
+    assert hasattr(model, "predict")
+
+
+def test_tampered_model_refused(built, tmp_path):
+    import shutil
+    d = tmp_path / "t"
+    shutil.copytree(built, d)
+    with open(d / "model.joblib", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(IntegrityError, match="sha256 mismatch.*refusing to load"):
+        artifact.load_model(d)
+
+
+def test_tampered_manifest_hash_refused(built, tmp_path):
+    import shutil
+    d = tmp_path / "t"
+    shutil.copytree(built, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"]["model.joblib"]["sha256"] = "0" * 64
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IntegrityError):
+        artifact.load_model(d)
+
+
+def test_missing_file_refused(built, tmp_path):
+    import shutil
+    d = tmp_path / "t"
+    shutil.copytree(built, d)
+    (d / "model.onnx").unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        artifact.verify_dir(d)
+
+
+def test_id_is_content_hash(built):
+    m = artifact.read_manifest(built)
+    assert m["id"] == artifact.content_id(m["name"], m["files"], m["created"])

@@ -1,0 +1,223 @@
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mlpipe import artifact, spec, train
+from mlpipe.errors import Conflict, IntegrityError, NotFound, RegistryError, UsageError
+from mlpipe.registry import CachedStore, FileStore, Registry, open_store, parse_ref
+from conftest import EXAMPLES, ROOT, free_port, run_cli
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("art") / "v"
+    train.train(spec.load(EXAMPLES / "hello-world.yml"), d, message="m")
+    return d
+
+
+@pytest.fixture(params=["file", "s3"])
+def reg(request, tmp_path):
+    if request.param == "file":
+        return Registry(str(tmp_path / "reg"))
+    bucket = request.getfixturevalue("s3_bucket")
+    return Registry(f"s3://{bucket}/team/models")
+
+
+def test_parse_ref():
+    assert parse_ref("credit-risk:4") == ("credit-risk", 4, None)
+    assert parse_ref("credit-risk@production") == ("credit-risk", None, "production")
+    assert parse_ref("credit-risk") == ("credit-risk", None, None)
+    assert parse_ref("credit-risk:latest") == ("credit-risk", None, None)
+    with pytest.raises(UsageError, match="NAME:VERSION"):
+        parse_ref("Credit Risk")
+
+
+@pytest.mark.integration
+def test_register_versions_aliases_rollback_ledger(reg, built, tmp_path):
+    m1 = reg.register(built)
+    m2 = reg.register(built, message="second")
+    assert (m1["version"], m2["version"]) == (1, 2)
+    assert reg.versions("hello-world") == [1, 2] and reg.models() == ["hello-world"]
+    assert reg.get("hello-world")["message"] == "second"
+    assert reg.get("hello-world:1")["id"] == m1["id"]
+    reg.promote("hello-world:1", "production", reason="first")
+    reg.promote("hello-world:2", "production", reason="better")
+    assert reg.resolve("hello-world@production") == ("hello-world", 2)
+    assert reg.promote("hello-world:2", "production")["version"] == 2  # no-op
+    reg.rollback("hello-world", "production")
+    assert reg.resolve("hello-world@production") == ("hello-world", 1)
+    with pytest.raises(UsageError, match="no earlier version"):
+        reg.rollback("hello-world", "production")
+    events = [(e["event"], e["version"]) for e in reg.events("hello-world")]
+    assert events == [("registered", 1), ("registered", 2), ("promoted", 1), ("promoted", 2), ("rolled_back", 1)]
+    path, manifest, changed = reg.pull("hello-world@production", tmp_path / "srv")
+    assert changed and path == tmp_path / "srv" / "1" and manifest["version"] == 1
+    model, _ = artifact.load_model(path)
+    assert reg.pull("hello-world:1", tmp_path / "srv")[2] is False  # already there, verified
+
+
+@pytest.mark.integration
+def test_not_found_errors(reg, built):
+    with pytest.raises(NotFound, match="unknown model 'nope'"):
+        reg.get("nope")
+    reg.register(built)
+    with pytest.raises(NotFound, match="no version 9.*versions are 1"):
+        reg.get("hello-world:9")
+    with pytest.raises(NotFound, match="no alias 'production'"):
+        reg.get("hello-world@production")
+
+
+@pytest.mark.integration
+def test_tampered_artifact_in_registry_is_refused(reg, built, tmp_path):
+    reg.register(built)
+    key = "hello-world/versions/1/model.joblib"
+    reg.store.put(key, reg.store.get(key) + b"x")
+    with pytest.raises(IntegrityError, match="does not match its manifest"):
+        reg.pull("hello-world:1", tmp_path / "srv")
+    assert not (tmp_path / "srv").exists()  # verified before anything is written
+
+
+class FailOnManifest(FileStore):
+    def put(self, key, data, exclusive=False):
+        if key.endswith("/manifest.json"):
+            raise RegistryError("injected: S3 went away")
+        super().put(key, data, exclusive)
+
+
+def test_failed_registration_leaves_no_version(built, tmp_path):
+    reg = Registry(store=FailOnManifest(tmp_path / "reg"))
+    with pytest.raises(RegistryError):
+        reg.register(built)
+    plain = Registry(str(tmp_path / "reg"))
+    assert plain.versions("hello-world") == [] and plain.models() == []
+    assert not list((tmp_path / "reg" / "hello-world" / "versions").rglob("model.joblib"))
+    m = plain.register(built)  # the next registration works and skips the burnt number
+    assert m["version"] == 2 and plain.versions("hello-world") == [2]
+
+
+def test_killed_registration_leaves_no_version(built, tmp_path):
+    """A process killed (os._exit) between uploading the model and writing the manifest."""
+    script = textwrap.dedent(f"""
+        import os
+        from mlpipe.registry import FileStore, Registry
+        real = FileStore.put
+        def put(self, key, data, exclusive=False):
+            if key.endswith("/manifest.json"):
+                os._exit(9)
+            real(self, key, data, exclusive)
+        FileStore.put = put
+        Registry({str(tmp_path / 'reg')!r}).register({str(built)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == 9
+    reg = Registry(str(tmp_path / "reg"))
+    assert reg.versions("hello-world") == []
+    r = run_cli("models", "list", "--registry", tmp_path / "reg")
+    assert r.returncode == 0 and "hello-world" not in r.stdout
+
+
+def _concurrent_train(registry: str, n: int, env: dict, tmp_path: Path) -> list[str]:
+    procs = [subprocess.Popen([sys.executable, "-m", "mlpipe", "train", str(EXAMPLES / "hello-world.yml"),
+                               "-m", f"run {i}", "--registry", registry, "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(n)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        outs.append(json.loads(out))
+    return outs
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_eight_concurrent_trains_get_distinct_versions(backend, tmp_path, request):
+    import os
+    env = dict(os.environ)
+    if backend == "file":
+        url = str(tmp_path / "reg")
+    else:
+        bucket = request.getfixturevalue("s3_bucket")
+        env["MLPIPE_S3_ENDPOINT_URL"] = request.getfixturevalue("moto_endpoint")
+        url = f"s3://{bucket}/r"
+    outs = _concurrent_train(url, 8, env, tmp_path)
+    versions = sorted(o["version"] for o in outs)
+    assert len(set(versions)) == 8
+    reg = Registry(url)
+    assert reg.versions("hello-world") == versions
+    for v in versions:
+        path, m, _ = reg.pull(f"hello-world:{v}", tmp_path / "pulled")
+        artifact.load_model(path)
+        assert m["message"].startswith("run ")
+
+
+@pytest.mark.integration
+def test_s3_conditional_put_conflict(s3_bucket):
+    store = open_store(f"s3://{s3_bucket}/p")
+    store.put("a/claims/1", b"x", exclusive=True)
+    with pytest.raises(Conflict):
+        store.put("a/claims/1", b"y", exclusive=True)
+    assert store.get("a/claims/1") == b"x"
+
+
+def test_s3_unreachable_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("MLPIPE_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(RegistryError, match="cannot reach S3 at http://127.0.0.1"):
+        Registry("s3://bucket/x").models()
+
+
+@pytest.mark.integration
+def test_missing_bucket(moto_endpoint, monkeypatch):
+    monkeypatch.setenv("MLPIPE_S3_ENDPOINT_URL", moto_endpoint)
+    with pytest.raises(RegistryError, match="bucket 'no-such-bucket' does not exist"):
+        Registry("s3://no-such-bucket/x").models()
+
+
+@pytest.mark.integration
+def test_redis_cache_serves_immutable_keys(redis_url, built, tmp_path):
+    reg = Registry(str(tmp_path / "reg"), cache=redis_url)
+    assert isinstance(reg.store, CachedStore)
+    reg.register(built)
+    reg.pull("hello-world:1", tmp_path / "a")
+    misses = reg.store.misses
+    reg.store.hits = 0
+    reg.pull("hello-world:1", tmp_path / "b")
+    assert reg.store.misses == misses and reg.store.hits >= 2  # manifest + files from Redis
+    # aliases are mutable: never cached
+    reg.promote("hello-world:1", "production")
+    reg.register(built)
+    reg.promote("hello-world:2", "production")
+    assert Registry(str(tmp_path / "reg"), cache=redis_url).resolve("hello-world@production")[1] == 2
+
+
+@pytest.mark.integration
+def test_redis_cache_hit_is_still_verified(redis_url, built, tmp_path):
+    """A poisoned cache entry cannot get past the sha256 check."""
+    import redis
+    reg = Registry(str(tmp_path / "reg"), cache=redis_url)
+    reg.register(built)
+    reg.pull("hello-world:1", tmp_path / "a")
+    r = redis.Redis.from_url(redis_url)
+    r.set(reg.store._ck("hello-world/versions/1/model.joblib"), b"evil")
+    with pytest.raises(IntegrityError):
+        reg.pull("hello-world:1", tmp_path / "b")
+
+
+def test_dead_redis_costs_only_speed(built, tmp_path, caplog):
+    reg = Registry(str(tmp_path / "reg"), cache=f"redis://127.0.0.1:{free_port()}/0")
+    with caplog.at_level("WARNING"):
+        reg.register(built)
+        path, _, _ = reg.pull("hello-world:1", tmp_path / "a")
+    artifact.load_model(path)
+    assert sum("Redis cache" in r.message and "unavailable" in r.message for r in caplog.records) == 1
+
+
+def test_unsupported_urls():
+    with pytest.raises(UsageError, match="unsupported registry URL"):
+        open_store("ftp://x")
+    with pytest.raises(UsageError, match="unsupported cache URL"):
+        open_store("/tmp/x", "memcached://x")

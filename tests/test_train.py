@@ -1,0 +1,99 @@
+import json
+
+import numpy as np
+import pytest
+
+from mlpipe import artifact, onnx, spec, train
+from mlpipe.errors import DataError
+from conftest import EXAMPLES, small_spec
+
+
+def test_train_writes_complete_manifest(tmp_path):
+    s = spec.load(EXAMPLES / "credit-risk.yml")
+    m = train.train(s, tmp_path / "a", message="hello")
+    on_disk = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert on_disk == m
+    for key in ("id", "name", "created", "message", "estimator", "params", "metrics", "data", "signature",
+                "library_versions", "files"):
+        assert key in m, key
+    assert m["name"] == "credit-risk" and m["message"] == "hello" and len(m["id"]) == 8
+    assert m["params"] == {"max_depth": 4, "random_state": 12345, "criterion": "gini"}
+    assert set(m["metrics"]) == {"accuracy", "f1_macro"}
+    assert m["data"]["rows"] == 569 and len(m["data"]["fingerprint"]) == 64
+    assert m["signature"]["target"] == {"name": "target", "dtype": "int64", "kind": "classification", "classes": [0, 1]}
+    assert m["signature"]["inputs"][0] == {"name": "mean radius", "dtype": "float64", "datatype": "FP64"}
+    assert len(m["signature"]["inputs"]) == 30
+    assert set(m["library_versions"]) >= {"python", "scikit-learn", "numpy", "joblib"}
+    assert m["files"]["model.joblib"]["sha256"] == artifact.sha256_file(tmp_path / "a" / "model.joblib")
+    assert m["created"].endswith("Z")
+
+
+def test_training_is_deterministic(tmp_path):
+    s = spec.load(EXAMPLES / "credit-risk.yml")
+    a = train.train(s, tmp_path / "a")
+    b = train.train(s, tmp_path / "b")
+    assert a["metrics"] == b["metrics"]
+    assert a["data"]["fingerprint"] == b["data"]["fingerprint"]
+
+
+def test_regression_signature_and_metrics(tmp_path):
+    s = spec.load(EXAMPLES / "house-prices.yml")
+    m = train.train(s, tmp_path / "r")
+    assert m["signature"]["target"]["kind"] == "regression"
+    assert m["metrics"]["neg_mean_absolute_error"] < 0 < m["metrics"]["r2"]
+
+
+@pytest.mark.parametrize("estimator,classifier", [
+    ("sklearn.ensemble.RandomForestClassifier", True),
+    ("sklearn.linear_model.LogisticRegression", True),
+    ("sklearn.tree.DecisionTreeClassifier", True),
+])
+def test_onnx_agrees_with_sklearn(tmp_path, estimator, classifier, write_spec):
+    params = {"max_iter": 3000} if "Logistic" in estimator else {"random_state": 0}
+    s = spec.load(write_spec(small_spec(model={"estimator": estimator, "params": params})))
+    m = train.train(s, tmp_path / "o")
+    assert m["onnx"]["status"] == "ok", m["onnx"]
+    assert "model.onnx" in m["files"]
+    # the accepted ONNX graph gives the same labels as scikit-learn on the whole data set
+    model, _ = artifact.load_model(tmp_path / "o")
+    X = train.load_xy(s)[1]
+    sess = onnx.session((tmp_path / "o" / "model.onnx").read_bytes())
+    got = onnx.run(sess, X.to_numpy(dtype=np.float64))[0]
+    assert np.array_equal(got, model.predict(X))
+
+
+def test_onnx_skipped_for_text_features(tmp_path, write_spec):
+    import pandas as pd
+    df = pd.DataFrame({"color": ["red", "blue"] * 50, "size": range(100), "y": [0, 1] * 50})
+    df.to_csv(tmp_path / "c.csv", index=False)
+    s = spec.load(write_spec(small_spec(
+        data={"source": f"csv:{tmp_path / 'c.csv'}", "target": "y"},
+        model={"steps": [{"estimator": "sklearn.preprocessing.OneHotEncoder", "params": {"handle_unknown": "ignore"}},
+                         {"estimator": "sklearn.linear_model.LogisticRegression"}]})))
+    m = train.train(s, tmp_path / "t")
+    assert m["onnx"]["status"] == "skipped"
+    assert "model.onnx" not in m["files"]
+    assert m["signature"]["inputs"][0]["datatype"] == "BYTES"
+
+
+def test_non_numeric_without_encoder_is_a_clear_error(tmp_path, write_spec):
+    import pandas as pd
+    pd.DataFrame({"color": ["red", "blue"] * 50, "y": [0, 1] * 50}).to_csv(tmp_path / "c.csv", index=False)
+    s = spec.load(write_spec(small_spec(data={"source": f"csv:{tmp_path / 'c.csv'}", "target": "y"})))
+    with pytest.raises(DataError, match="could not fit.*encoder"):
+        train.train(s, tmp_path / "t")
+
+
+def test_onnx_rejected_when_it_disagrees():
+    """A regressor whose ONNX graph is float32 disagrees beyond tolerance on huge targets: rejected."""
+    import pandas as pd
+    from sklearn.linear_model import LinearRegression
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.normal(size=(200, 3)) * 1e6, columns=list("abc"))
+    y = X["a"] * 1e3 + 0.123456
+    est = LinearRegression().fit(X, y)
+    data, info = onnx.convert_and_check(est, X, X, classifier=False)
+    if info["status"] == "ok":   # double precision kept it exact: still within the tolerance we state
+        assert info["max_abs_diff"] <= abs(y).max() * onnx.REGRESSION_RTOL
+    else:
+        assert data is None and info["status"] in ("rejected", "unsupported")
