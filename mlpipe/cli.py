@@ -295,6 +295,66 @@ def evaluate(ref, source, mins, maxs, regs, against, as_json, registry, cache):
         sys.exit(1)
 
 
+@cli.command()
+@click.option("--model-dir", envvar="MLPIPE_MODEL_DIR", required=True, type=click.Path(file_okay=False),
+              help="Folder with pulled versions and a 'current' symlink [env MLPIPE_MODEL_DIR].")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--workers", default=None, type=int, help="gunicorn workers [env MLPIPE_WORKERS; default 2].")
+@click.option("--token", "tokens", multiple=True, help="Accept this bearer token (repeat for several).")
+@click.option("--require-onnx", is_flag=True, default=None, help="Refuse versions without model.onnx (never unpickle).")
+@click.option("--pidfile", default=None, type=click.Path(dir_okay=False), help="Write the gunicorn master pid here.")
+def serve(model_dir, host, port, workers, tokens, require_onnx, pidfile):
+    """Serve a model folder over REST with gunicorn (the same server as in production).
+
+    \b
+    Example:
+      mlpipe models pull credit-risk@production --dest /srv/models/credit-risk --activate
+      mlpipe serve --model-dir /srv/models/credit-risk --port 8000
+    """
+    import os
+    import shutil
+    from mlpipe.serve import load_config
+    env = os.environ
+    env["MLPIPE_MODEL_DIR"] = str(Path(model_dir).resolve())
+    env["MLPIPE_BIND"] = f"{host}:{port}"
+    if workers is not None:
+        env["MLPIPE_WORKERS"] = str(workers)
+    if tokens:
+        env["MLPIPE_AUTH_TOKENS"] = ",".join(tokens)
+    if require_onnx:
+        env["MLPIPE_REQUIRE_ONNX"] = "1"
+    load_config()  # fail here, with our message, rather than inside gunicorn
+    gunicorn = shutil.which("gunicorn", path=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    if not gunicorn:
+        from mlpipe.errors import UsageError
+        raise UsageError("gunicorn is not installed", hint="pip install gunicorn")
+    args = [gunicorn, "-c", "python:mlpipe.gunicorn_conf"] + (["-p", pidfile] if pidfile else []) + ["mlpipe.serve:create_app()"]
+    os.execv(gunicorn, args)
+
+
+@cli.command()
+@click.option("--pidfile", required=True, type=click.Path(exists=True, dir_okay=False), help="The gunicorn master's pidfile.")
+def reload(pidfile):
+    """Tell a running server to switch to the version 'current' points at, with no failed request.
+
+    New workers verify, load and warm the new version while the old ones finish their requests.
+
+    \b
+    Example:
+      mlpipe reload --pidfile /run/mlpipe/credit-risk.pid
+    """
+    import os
+    import signal
+    from mlpipe.errors import NotReady
+    try:
+        pid = int(Path(pidfile).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (ValueError, ProcessLookupError):
+        raise NotReady(f"no server is running with the pid in {pidfile}", hint="start it with mlpipe serve --pidfile") from None
+    click.echo(f"reload signalled to {pid}")
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="mlpipe", standalone_mode=False)

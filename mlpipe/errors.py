@@ -12,6 +12,7 @@
     │   ├── PayloadTooLarge         exit 3 / 413
     │   └── UnsupportedMediaType    exit 3 / 415
     ├── Unauthorized                exit 3 / 401
+    ├── NotReady                    exit 2 / 503   a server or endpoint is unreachable or unhealthy
     └── GateFailed                  exit 1 / 422   a metric or latency check failed
 
 Messages say what was wrong and how to fix it; they never carry credentials.
@@ -82,6 +83,11 @@ class UnsupportedMediaType(ValidationError):
 class Unauthorized(MlpipeError):
     exit_code = 3
     http_status = 401
+
+
+class NotReady(MlpipeError):
+    exit_code = 2
+    http_status = 503
 
 
 class GateFailed(MlpipeError):

@@ -131,3 +131,46 @@ def run_cli(*args, env=None, cwd=None, timeout=300) -> subprocess.CompletedProce
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "mlpipe", *map(str, args)], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=timeout)
+
+
+def train_into(registry, spec_dict: dict, write_spec, message: str = "", extra_args=()) -> dict:
+    """Train a spec dict into a registry through the real CLI; returns the manifest."""
+    import json as _json
+    p = write_spec(spec_dict, name=f"{spec_dict['name']}-{uuid.uuid4().hex[:6]}.yml")
+    r = run_cli("train", p, "-m", message, "--registry", registry, "--json", *extra_args)
+    assert r.returncode == 0, r.stderr
+    return _json.loads(r.stdout)
+
+
+class Server:
+    """`mlpipe serve` (gunicorn) as a child process on a free port."""
+
+    def __init__(self, model_dir, tmp_path, env=None, workers=2, host="127.0.0.1"):
+        self.host, self.port = host, free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.pidfile = tmp_path / f"gunicorn-{self.port}.pid"
+        self.log = open(tmp_path / f"gunicorn-{self.port}.log", "wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlpipe", "serve", "--model-dir", str(model_dir), "--host", host,
+             "--port", str(self.port), "--workers", str(workers), "--pidfile", str(self.pidfile)],
+            env={**os.environ, **(env or {})}, stdout=self.log, stderr=self.log)
+        self.ready_after = self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60) -> float:
+        import requests
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                if requests.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return time.monotonic() - self.started
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server not ready in time")
+
+    def stop(self):
+        stop(self.proc)
+        self.log.close()

@@ -1,0 +1,400 @@
+"""The generated REST API, in process (Flask test client) and under gunicorn."""
+import json
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from mlpipe import hostdir
+from mlpipe.registry import Registry
+from mlpipe.serve import create_app
+from conftest import EXAMPLES, Server, run_cli, small_spec, train_into
+
+FEATURES = None
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """A registry with credit-risk v1 (tree), v2 (logistic regression), v3 (no ONNX) and a model dir."""
+    import yaml
+    tmp = tmp_path_factory.mktemp("serve")
+    reg = tmp / "reg"
+
+    def write_spec(d, name):
+        p = tmp / name
+        p.write_text(yaml.safe_dump(d))
+        return p
+    base = yaml.safe_load((EXAMPLES / "credit-risk.yml").read_text())
+    train_into(reg, base, write_spec, "tree")
+    lr = dict(base, model={"estimator": "sklearn.linear_model.LogisticRegression", "params": {"max_iter": 5000}})
+    train_into(reg, lr, write_spec, "logistic")
+    train_into(reg, base, write_spec, "no onnx", ["--no-onnx"])
+    model_dir = tmp / "models" / "credit-risk"
+    for v in (1, 2, 3):
+        assert run_cli("models", "pull", f"credit-risk:{v}", "--dest", model_dir, "--registry", reg).returncode == 0
+    hostdir.activate(model_dir, 1)
+    return {"reg": reg, "dir": model_dir, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def data():
+    from sklearn.datasets import load_breast_cancer
+    frame = load_breast_cancer(as_frame=True).frame
+    cols = [c for c in frame.columns if c != "target"]
+    return frame, cols
+
+
+@pytest.fixture
+def client(fleet):
+    return create_app({"model_dir": str(fleet["dir"])}).test_client()
+
+
+def _expected(fleet, version, X):
+    from mlpipe import artifact
+    model, _ = artifact.load_model(fleet["dir"] / str(version))
+    return model.predict(X).tolist()
+
+
+def test_mlflow_formats_agree(client, fleet, data):
+    frame, cols = data
+    X = frame[cols].iloc[:5]
+    want = _expected(fleet, 1, X)
+    rows = X.values.tolist()
+    bodies = [
+        {"dataframe_split": {"columns": cols, "data": rows}},
+        {"dataframe_split": {"columns": cols[::-1], "data": [r[::-1] for r in rows]}},  # any column order
+        {"dataframe_records": X.to_dict(orient="records")},
+        {"instances": rows},
+        {"instances": X.to_dict(orient="records")},
+        {"inputs": X.to_dict(orient="list")},
+        {"inputs": rows},
+    ]
+    for body in bodies:
+        r = client.post("/invocations", json=body)
+        assert r.status_code == 200, (body.keys(), r.json)
+        assert r.json["predictions"] == want and r.headers["X-Model-Version"] == "1"
+    r = client.post("/invocations", data=X.to_csv(index=False), content_type="text/csv")
+    assert r.status_code == 200 and r.json["predictions"] == want
+
+
+def test_pandas_split_orient_from_an_mlflow_client(client, data):
+    """What mlflow's own client sends: pandas' to_json(orient='split') wrapped in dataframe_split."""
+    frame, cols = data
+    payload = '{"dataframe_split": ' + frame[cols].head(3).to_json(orient="split") + "}"
+    r = client.post("/invocations", data=payload, content_type="application/json; format=pandas-split")
+    assert r.status_code == 200 and len(r.json["predictions"]) == 3
+
+
+def test_oip_infer_per_feature_and_2d(client, fleet, data):
+    frame, cols = data
+    X = frame[cols].iloc[:4]
+    want = _expected(fleet, 1, X)
+    inputs = [{"name": c, "shape": [4], "datatype": "FP64", "data": X[c].tolist()} for c in cols]
+    r = client.post("/v2/models/credit-risk/infer", json={"id": "r1", "inputs": inputs,
+                                                           "outputs": [{"name": "predict"}, {"name": "predict_proba"}]})
+    assert r.status_code == 200, r.json
+    assert r.json["id"] == "r1" and r.json["model_version"] == "1"
+    out = {o["name"]: o for o in r.json["outputs"]}
+    assert out["predict"]["data"] == want and out["predict_proba"]["shape"] == [4, 2]
+    r = client.post("/v2/models/credit-risk/versions/1/infer",
+                    json={"inputs": [{"name": "x", "shape": [4, 30], "datatype": "FP32", "data": X.values.ravel().tolist()}]})
+    assert r.status_code == 200 and r.json["outputs"][0]["data"] == want
+    assert [o["name"] for o in r.json["outputs"]] == ["predict"]
+
+
+def test_metadata_endpoints(client):
+    meta = client.get("/v2/models/credit-risk").json
+    assert meta["versions"] == ["1"] and len(meta["inputs"]) == 30 and meta["platform"] == "onnxruntime_onnx"
+    assert meta["inputs"][0] == {"name": "mean radius", "datatype": "FP64", "shape": [-1]}
+    assert client.get("/v2/models/credit-risk/versions/1/ready").json["ready"] is True
+    assert client.get("/v2/models/credit-risk/versions/9/ready").status_code == 404
+    assert client.get("/v2/models/other").status_code == 404
+    assert client.get("/v2").json["name"] == "mlpipe"
+    m = client.get("/metadata").json
+    assert m["version"] == 1 and m["runtime"] == "onnxruntime" and "metrics" in m and "created" in m and "id" in m
+    doc = client.get("/openapi.json").json
+    assert doc["openapi"].startswith("3.") and "/invocations" in doc["paths"]
+    assert "mean radius" in doc["components"]["schemas"]["Record"]["properties"]
+    assert client.get("/ping").status_code == 200 and client.get("/version").status_code == 200
+
+
+BAD = [
+    ({"dataframe_split": {"columns": ["nope"], "data": [[1]]}}, 400, "unknown feature 'nope'"),
+    ({"dataframe_split": {"columns": ["mean radius"], "data": [[1]]}}, 400, "missing feature 'mean texture' (and 28 more)"),
+    ({"dataframe_records": [{"mean radius": 1}]}, 400, "missing feature 'mean texture' in record 0"),
+    ({"instances": [[1, 2]]}, 400, "row 0 has 2 values, expected 30"),
+    ({"instances": []}, 400, "no rows"),
+    ({"dataframe_split": {"data": [["a"] * 30]}}, 400, "feature 'mean radius' in row 0 is \"a\", expected a number"),
+    ({"dataframe_split": {"data": [[True] * 30]}}, 400, "expected a number"),
+    ({"dataframe_split": {"data": [[None] * 30]}}, 400, "is null (NaN); this model cannot take missing values"),
+    ({"dataframe_split": {"data": [[float("nan")] * 30]}}, 400, "NaN/null or infinite"),
+    ({"instances": [[1] * 30], "inputs": [[1] * 30]}, 400, "exactly one of"),
+    ({"rows": []}, 400, "exactly one of"),
+    ([1, 2], 400, "must be an object"),
+]
+
+
+@pytest.mark.parametrize("body,status,message", BAD)
+def test_validation_errors_name_the_field(client, body, status, message):
+    r = client.post("/invocations", json=body)
+    assert r.status_code == status and message in r.json["error"], r.json
+
+
+def test_transport_errors(client, fleet):
+    r = client.post("/invocations", data="{not json", content_type="application/json")
+    assert r.status_code == 400 and "not valid JSON" in r.json["error"]
+    r = client.post("/invocations", data="a=b", content_type="application/x-www-form-urlencoded")
+    assert r.status_code == 415
+    r = client.get("/nope")
+    assert r.status_code == 404 and "openapi.json" in r.json["error"]
+    small = create_app({"model_dir": str(fleet["dir"]), "max_body_bytes": 1000, "max_rows": 2}).test_client()
+    r = small.post("/invocations", data=b"x" * 2000, content_type="application/json")
+    assert r.status_code == 413 and "larger than 1000 bytes" in r.json["error"]
+    r = small.post("/invocations", json={"instances": [[1] * 30] * 3})
+    assert r.status_code == 413 and "3 rows" in r.json["error"]
+    r = client.post("/v2/models/credit-risk/infer", json={"inputs": [{"name": "mean radius", "shape": [1], "datatype": "FP64", "data": ["x"]}]})
+    assert r.status_code == 400 and "mean radius" in r.json["error"]
+    r = client.post("/v2/models/credit-risk/infer", json={"inputs": [{"name": "x", "shape": [1, 29], "datatype": "FP64", "data": [1] * 29}]})
+    assert r.status_code == 400 and "[rows, 30]" in r.json["error"]
+    r = client.post("/v2/models/credit-risk/infer", json={"inputs": [{"name": "x", "shape": [1, 30], "datatype": "FP99", "data": [1] * 30}]})
+    assert r.status_code == 400 and "unknown datatype" in r.json["error"]
+    r = client.post("/v2/models/credit-risk/infer", json={"inputs": [{"name": "x", "shape": [1, 30], "datatype": "FP64", "data": [1] * 30}],
+                                                         "outputs": [{"name": "logits"}]})
+    assert r.status_code == 400 and "unknown output 'logits'" in r.json["error"]
+
+
+def test_auth(fleet, caplog):
+    c = create_app({"model_dir": str(fleet["dir"]), "auth_tokens": ["s3cret-token", "other"]}).test_client()
+    body = {"instances": [[1.0] * 30]}
+    with caplog.at_level("DEBUG"):
+        assert c.post("/invocations", json=body).status_code == 401
+        r = c.post("/invocations", json=body, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+    assert c.post("/invocations", json=body, headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+    assert c.post("/invocations", json=body, headers={"Authorization": "Bearer other"}).status_code == 200
+    for open_path in ("/v2/health/live", "/v2/health/ready", "/ping", "/metrics"):
+        assert c.get(open_path).status_code == 200, open_path
+    for closed in ("/metadata", "/v2/models/credit-risk", "/openapi.json", "/v2", "/version"):
+        assert c.get(closed).status_code == 401, closed
+    assert "s3cret" not in caplog.text
+
+
+def test_metrics_count_requests_and_predictions(client, data):
+    frame, cols = data
+    client.post("/invocations", json={"instances": frame[cols].head(10).values.tolist()})
+    text = client.get("/metrics").data.decode()
+    assert 'mlpipe_requests_total{endpoint="/invocations",status="200"}' in text
+    assert "mlpipe_request_seconds_bucket" in text
+    assert 'mlpipe_model_info{id="' in text and 'runtime="onnxruntime",version="1"} 1.0' in text
+    assert 'mlpipe_predictions_total{label="0",version="1"}' in text
+
+
+def test_require_onnx_refuses_pickle_only_version(fleet, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(fleet["dir"], d, symlinks=True)
+    hostdir.activate(d, 3)
+    (d / ".last-good").unlink(missing_ok=True)
+    os.unlink(d / "previous")
+    app = create_app({"model_dir": str(d), "require_onnx": True})
+    c = app.test_client()
+    assert c.get("/v2/health/ready").status_code == 503
+    assert "refuses to unpickle" in c.get("/v2/health/ready").json["error"]
+    assert c.post("/invocations", json={"instances": [[1.0] * 30]}).status_code == 503
+    ok = create_app({"model_dir": str(d)}).test_client()
+    assert ok.get("/metadata").json["runtime"] == "sklearn"
+
+
+def test_tampered_current_falls_back_to_last_good(fleet, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(fleet["dir"], d, symlinks=True)
+    hostdir.activate(d, 1)
+    assert create_app({"model_dir": str(d)}).test_client().get("/metadata").json["version"] == 1
+    hostdir.activate(d, 2)
+    with open(d / "2" / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    c = create_app({"model_dir": str(d)}).test_client()
+    meta = c.get("/metadata").json
+    assert meta["version"] == 1 and "sha256 mismatch" in meta["load_error"]
+    assert "mlpipe_model_load_failures_total" in c.get("/metrics").data.decode()
+
+
+def test_non_numeric_model_served_through_sklearn(tmp_path, write_spec):
+    import pandas as pd
+    df = pd.DataFrame({"color": ["red", "blue", "green"] * 40, "size": list(range(120)), "y": [0, 1, 1] * 40})
+    df.to_csv(tmp_path / "c.csv", index=False)
+    spec = small_spec("colors", data={"source": f"csv:{tmp_path / 'c.csv'}", "target": "y"},
+                      model={"steps": [{"estimator": "sklearn.compose.make_column_transformer" if False else "sklearn.preprocessing.OneHotEncoder",
+                                        "params": {"handle_unknown": "ignore"}},
+                                       {"estimator": "sklearn.linear_model.LogisticRegression"}]})
+    train_into(tmp_path / "reg", spec, write_spec)
+    Registry(str(tmp_path / "reg")).pull("colors:1", tmp_path / "m")
+    hostdir.activate(tmp_path / "m", 1)
+    c = create_app({"model_dir": str(tmp_path / "m")}).test_client()
+    r = c.post("/invocations", json={"dataframe_records": [{"color": "red", "size": 3}, {"color": "blue", "size": 4}]})
+    assert r.status_code == 200 and len(r.json["predictions"]) == 2
+    r = c.post("/invocations", json={"dataframe_records": [{"color": 5, "size": 3}]})
+    assert r.status_code == 400 and "expected a string" in r.json["error"]
+    r = c.post("/v2/models/colors/infer", json={"inputs": [
+        {"name": "color", "shape": [1], "datatype": "BYTES", "data": ["green"]},
+        {"name": "size", "shape": [1], "datatype": "INT64", "data": [7]}]})
+    assert r.status_code == 200, r.json
+
+
+# ---------------------------------------------------------------------------------- fuzzing
+def test_fuzz_thousands_of_malformed_requests_never_5xx(client, data):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    frame, cols = data
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
+                        st.text(max_size=5), st.sampled_from(cols))
+    anyjson = st.recursive(scalars, lambda kids: st.one_of(st.lists(kids, max_size=4),
+                                                           st.dictionaries(st.one_of(st.text(max_size=5), st.sampled_from(cols)), kids, max_size=4)),
+                           max_leaves=20)
+    row = st.lists(st.one_of(st.floats(), st.integers(), st.none(), st.text(max_size=3)), min_size=28, max_size=31)
+    mlflow_body = st.one_of(
+        anyjson,
+        st.fixed_dictionaries({"dataframe_split": st.fixed_dictionaries({"columns": st.one_of(st.just(cols), st.lists(st.sampled_from(cols), max_size=31), anyjson),
+                                                                          "data": st.one_of(st.lists(row, max_size=3), anyjson)})}),
+        st.fixed_dictionaries({"dataframe_records": st.lists(st.dictionaries(st.sampled_from(cols + ["x"]), scalars, max_size=31), max_size=3)}),
+        st.fixed_dictionaries({"instances": st.one_of(st.lists(row, max_size=3), anyjson)}),
+        st.fixed_dictionaries({"inputs": st.one_of(st.dictionaries(st.sampled_from(cols), st.lists(scalars, max_size=3)), anyjson)}),
+    )
+    tensor = st.fixed_dictionaries({"name": st.one_of(st.sampled_from(cols + ["x"]), anyjson),
+                                    "shape": st.one_of(st.lists(st.integers(-2, 40), max_size=3), anyjson),
+                                    "datatype": st.one_of(st.sampled_from(["FP64", "FP32", "INT64", "BOOL", "BYTES", "FP8"]), anyjson),
+                                    "data": st.one_of(st.lists(scalars, max_size=40), anyjson)},
+                                   optional={"parameters": st.one_of(st.fixed_dictionaries({"binary_data_size": st.integers(-5, 500)}), anyjson)})
+    oip_body = st.one_of(anyjson, st.fixed_dictionaries({"inputs": st.lists(tensor, max_size=4)},
+                                                        optional={"outputs": anyjson, "id": anyjson}))
+    seen = {"n": 0}
+
+    @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.one_of(mlflow_body.map(lambda b: ("/invocations", b, None)),
+                     oip_body.map(lambda b: ("/v2/models/credit-risk/infer", b, None)),
+                     st.binary(max_size=200).map(lambda b: ("/invocations", b, "text/csv")),
+                     st.tuples(st.binary(max_size=200), st.integers(-3, 300)).map(lambda t: ("/v2/models/credit-risk/infer", t, "binary"))))
+    def run(case):
+        path, body, kind = case
+        if kind == "text/csv":
+            r = client.post(path, data=body, content_type="text/csv")
+        elif kind == "binary":
+            r = client.post(path, data=body[0], content_type="application/octet-stream",
+                            headers={"Inference-Header-Content-Length": str(body[1])})
+        else:
+            r = client.post(path, data=json.dumps(body, allow_nan=True), content_type="application/json")
+        seen["n"] += 1
+        assert r.status_code < 500, (body, r.data[:300])
+        assert "error" in r.json if r.status_code >= 400 else True
+    run()
+    assert seen["n"] >= 1000
+
+
+# --------------------------------------------------------------------------------- gunicorn
+@pytest.fixture
+def server(fleet, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(fleet["dir"], d, symlinks=True)
+    hostdir.activate(d, 1)
+    s = Server(d, tmp_path)
+    s.dir = d
+    yield s
+    s.stop()
+
+
+def test_tritonclient_drives_the_oip_api(server, data):
+    import tritonclient.http as httpclient
+    frame, cols = data
+    X = frame[cols].iloc[:3]
+    client = httpclient.InferenceServerClient(f"{server.host}:{server.port}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("credit-risk")
+    meta = client.get_model_metadata("credit-risk")
+    assert [i["name"] for i in meta["inputs"]] == cols
+    for binary in (False, True):
+        inputs = []
+        for c in cols:
+            t = httpclient.InferInput(c, [3], "FP64")
+            t.set_data_from_numpy(X[c].to_numpy(dtype=np.float64), binary_data=binary)
+            inputs.append(t)
+        outputs = [httpclient.InferRequestedOutput("predict", binary_data=False),
+                   httpclient.InferRequestedOutput("predict_proba", binary_data=False)]
+        res = client.infer("credit-risk", inputs, outputs=outputs)
+        assert res.as_numpy("predict").tolist() == frame["target"].iloc[:3].tolist() or len(res.as_numpy("predict")) == 3
+        assert res.as_numpy("predict_proba").shape == (3, 2)
+    t = httpclient.InferInput("batch", [3, 30], "FP32")
+    t.set_data_from_numpy(X.to_numpy(dtype=np.float32), binary_data=True)
+    assert client.infer("credit-risk", [t]).as_numpy("predict").shape == (3,)
+
+
+def _load_loop(url, stop, results, body, max_seconds=240):
+    import requests
+    s = requests.Session()
+    deadline = time.monotonic() + max_seconds  # bounded in time as well as by the stop event
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            r = s.post(f"{url}/invocations", json=body, timeout=10)
+            results.append((r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text[:200],
+                            r.headers.get("X-Model-Version")))
+        except Exception as exc:  # a failed request is a result too
+            results.append((0, repr(exc), None))
+
+
+def test_five_switches_under_load_zero_failures(server, data):
+    import requests
+    frame, cols = data
+    body = {"dataframe_split": {"columns": cols, "data": frame[cols].head(2).values.tolist()}}
+    stop, results = threading.Event(), []
+    workers = [threading.Thread(target=_load_loop, args=(server.url, stop, results, body)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        sequence = [2, 1, 2, 3, 2]
+        for version in sequence:
+            time.sleep(0.7)
+            hostdir.activate(server.dir, version)
+            t0 = time.monotonic()
+            assert run_cli("reload", "--pidfile", server.pidfile).returncode == 0
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                versions = {requests.get(f"{server.url}/metadata", timeout=5).json()["version"] for _ in range(6)}
+                if versions == {version}:
+                    break
+                time.sleep(0.1)
+            assert versions == {version}, versions
+            print(f"switch to v{version}: {time.monotonic() - t0:.2f}s, {len(results)} requests so far")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(30)
+    failed = [r for r in results if r[0] != 200]
+    assert len(results) > 100 and not failed, failed[:5]
+    answered = {r[1] for r in results}
+    assert answered <= {"1", "2", "3"} and {"1", "2", "3"} <= answered
+    assert all(r[1] == r[2] for r in results)  # body and header name the same version
+    metrics = requests.get(f"{server.url}/metrics").text
+    assert 'version="2"} 1.0' in metrics and 'runtime="onnxruntime",version="1"} 1.0' not in metrics
+
+
+def test_tampered_new_version_refused_old_keeps_serving(server):
+    import requests
+    with open(server.dir / "2" / "model.onnx", "r+b") as f:
+        f.seek(50)
+        f.write(b"\x00\x01")
+    hostdir.activate(server.dir, 2)
+    assert run_cli("reload", "--pidfile", server.pidfile).returncode == 0
+    time.sleep(3)
+    for _ in range(10):
+        meta = requests.get(f"{server.url}/metadata").json()
+        assert meta["version"] == 1
+    assert "sha256 mismatch" in (meta["load_error"] or "") or meta["pid"]
+    r = requests.post(f"{server.url}/invocations", json={"instances": [[1.0] * 30]})
+    assert r.status_code == 200 and r.json()["model_version"] == "1"
+    assert "mlpipe_model_load_failures_total" in requests.get(f"{server.url}/metrics").text
+
+
+def test_start_to_ready_is_reported(server):
+    print(f"start to ready: {server.ready_after:.2f}s")
+    assert server.ready_after > 0
