@@ -101,6 +101,8 @@ class LoadedModel:
     _sess: Any = None
     _input_name: str = ""
     _input_dtype: Any = np.float64
+    _outputs: list = field(default_factory=list)
+    _run: Any = None
 
     def __post_init__(self):
         sig = self.manifest["signature"]
@@ -128,6 +130,8 @@ class LoadedModel:
             inp = m._sess.get_inputs()[0]
             m._input_name = inp.name
             m._input_dtype = np.float32 if inp.type == "tensor(float)" else np.float64
+            m._outputs = [o.name for o in m._sess.get_outputs()]
+            m._run = m._sess._sess.run if hasattr(m._sess, "_sess") else None  # skips per-call Python checks
             m.allow_nan = False  # the ONNX agreement check covered finite inputs only
         elif require_onnx:
             raise IntegrityError(f"version {manifest.get('version')} at {path} has no model.onnx and this server "
@@ -146,7 +150,8 @@ class LoadedModel:
     def predict(self, X, proba: bool = False):
         """X: float matrix (numeric models) or DataFrame. Returns (labels, probabilities or None)."""
         if self._sess is not None:
-            outs = self._sess.run(None, {self._input_name: np.ascontiguousarray(X, dtype=self._input_dtype)})
+            feed = {self._input_name: np.ascontiguousarray(X, dtype=self._input_dtype)}
+            outs = self._run(self._outputs, feed, None) if self._run else self._sess.run(None, feed)
             labels = outs[0].ravel() if self.kind == "regression" or outs[0].ndim > 1 else outs[0]
             return labels, (outs[1] if proba and len(outs) > 1 else None)
         if self.numeric and isinstance(X, np.ndarray):
@@ -212,12 +217,18 @@ class ModelSlot:
 
 # ----------------------------------------------------------------------------------------- metrics
 class _Metrics:
+    """Prometheus metrics, batched: a multi-process write costs ~9 us, so each worker adds up its
+    counts in memory and writes them at most every FLUSH_SECONDS (and before every scrape)."""
+
+    FLUSH_SECONDS = 0.5
+
     def __init__(self):
+        import threading
         _multiprocess_dir()
         from prometheus_client import Counter, Gauge, Histogram
         self.requests = Counter("mlpipe_requests", "HTTP requests by endpoint and status", ["endpoint", "status"])
         self.latency = Histogram("mlpipe_request_seconds", "Request latency by endpoint", ["endpoint"],
-                                 buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+                                 buckets=LATENCY_BUCKETS)
         self.rows = Counter("mlpipe_predicted_rows", "Rows predicted", ["version"])
         self.classes = Counter("mlpipe_predictions", "Predicted labels (classifiers)", ["version", "label"])
         self.values = Histogram("mlpipe_prediction_value", "Predicted values (regressors)", ["version"],
@@ -227,6 +238,14 @@ class _Metrics:
         self.ready = Gauge("mlpipe_model_ready", "1 when a model is loaded", multiprocess_mode="livemin")
         self.load_failures = Counter("mlpipe_model_load_failures", "Versions refused at load", ["version"])
         self._info_labels = None
+        self._lock = threading.Lock()
+        self._pending_requests: dict = {}
+        self._pending_latency: dict = {}
+        self._pending_classes: dict = {}
+        self._pending_rows: dict = {}
+        self._pending_values: list = []
+        self._last_flush = time.monotonic()
+        self._timer = None
 
     def set_model(self, m: LoadedModel | None) -> None:
         if self._info_labels:
@@ -236,16 +255,72 @@ class _Metrics:
             self.info.labels(*self._info_labels).set(1)
         self.ready.set(1 if m is not None else 0)
 
+    def request(self, endpoint: str, status: int, seconds: float) -> None:
+        key = (endpoint, status)
+        with self._lock:
+            self._pending_requests[key] = self._pending_requests.get(key, 0) + 1
+            self._pending_latency.setdefault(endpoint, []).append(seconds)
+        self._maybe_flush()
+
     def predictions(self, m: LoadedModel, labels) -> None:
-        self.rows.labels(m.version_label).inc(len(labels))
-        if m.kind == "classification":
-            values, counts = np.unique(labels, return_counts=True)
-            for v, c in zip(values.tolist(), counts.tolist()):
-                self.classes.labels(m.version_label, str(v)).inc(c)
-        else:
-            h = self.values.labels(m.version_label)
-            for v in np.asarray(labels, dtype=np.float64).tolist():
-                h.observe(v)
+        v = m.version_label
+        with self._lock:
+            self._pending_rows[v] = self._pending_rows.get(v, 0) + len(labels)
+            if m.kind == "classification":
+                for label in labels.tolist() if hasattr(labels, "tolist") else labels:
+                    key = (v, label)
+                    self._pending_classes[key] = self._pending_classes.get(key, 0) + 1
+            else:
+                self._pending_values.append((v, np.asarray(labels, dtype=np.float64).tolist()))
+
+    def _maybe_flush(self) -> None:
+        if time.monotonic() - self._last_flush >= self.FLUSH_SECONDS:
+            self.flush()
+        elif self._timer is None:
+            import threading
+
+            def tick():
+                while True:
+                    time.sleep(self.FLUSH_SECONDS)
+                    self.flush()
+            self._timer = threading.Thread(target=tick, name="mlpipe-metrics-flush", daemon=True)
+            self._timer.start()
+
+    def flush(self) -> None:
+        with self._lock:
+            reqs, self._pending_requests = self._pending_requests, {}
+            lat, self._pending_latency = self._pending_latency, {}
+            classes, self._pending_classes = self._pending_classes, {}
+            rows, self._pending_rows = self._pending_rows, {}
+            values, self._pending_values = self._pending_values, []
+            self._last_flush = time.monotonic()
+        for (endpoint, status), n in reqs.items():
+            self.requests.labels(endpoint, str(status)).inc(n)
+        for endpoint, obs in lat.items():
+            _observe_many(self.latency.labels(endpoint), obs, LATENCY_BUCKETS)
+        for v, n in rows.items():
+            self.rows.labels(v).inc(n)
+        for (v, label), n in classes.items():
+            self.classes.labels(v, str(label)).inc(n)
+        for v, obs in values:
+            h = self.values.labels(v)
+            for x in obs:
+                h.observe(x)
+
+
+LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)
+
+
+def _observe_many(hist, observations: list, buckets: tuple) -> None:
+    """Histogram.observe for many values with one write per touched bucket, not one per value."""
+    import bisect
+    counts: dict = {}
+    for x in observations:
+        i = bisect.bisect_left(buckets, x)
+        counts[i] = counts.get(i, 0) + 1
+    hist._sum.inc(sum(observations))
+    for i, n in counts.items():
+        hist._buckets[i].inc(n)
 
 
 _METRICS: _Metrics | None = None
@@ -292,7 +367,7 @@ def _reap_dead_workers(directory: str) -> None:
 
 def render_metrics() -> tuple[bytes, str]:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
-    metrics()
+    metrics().flush()
     d = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if d:
         _reap_dead_workers(d)
@@ -364,12 +439,13 @@ def to_matrix(m: LoadedModel, rows: list, names: list[str], max_rows: int):
     if not isinstance(rows, list):
         raise _bad(f"expected a list of rows, got {type(rows).__name__}")
     _check_rows(m, len(rows), max_rows)
-    unknown = [n for n in names if n not in m.index]
+    unknown = [] if names is m.features or names == m.features else [n for n in names if n not in m.index]
     if unknown:
         raise _bad(f"unknown feature '{unknown[0]}'", hint=_takes(m))
-    if len(set(names)) != len(names):
+    given = set(names)
+    if len(given) != len(names):
         raise _bad("a feature is given twice")
-    missing = [f for f in m.features if f not in set(names)]
+    missing = [f for f in m.features if f not in given]
     if missing:
         raise _bad(f"missing feature '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
                    hint=_takes(m))
@@ -469,7 +545,7 @@ def parse_invocations(m: LoadedModel, content_type: str, body: bytes, max_rows: 
         if not isinstance(payload, dict) or "data" not in payload:
             raise _bad("dataframe_split must be an object with 'columns' and 'data'")
         columns = payload.get("columns", m.features)
-        if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+        if columns != m.features and (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)):
             raise _bad("dataframe_split.columns must be a list of feature names")
         return to_matrix(m, payload["data"], columns, max_rows)
     if keys[0] == "dataframe_records":
@@ -666,7 +742,7 @@ PUBLIC = {"/v2/health/live", "/v2/health/ready", "/ping", "/health", "/metrics"}
 
 
 def create_app(config: dict | None = None):
-    from flask import Flask, Response, g, request
+    from flask import Flask, Response, request
     from werkzeug.exceptions import HTTPException
 
     cfg = load_config(config)
@@ -688,26 +764,6 @@ def create_app(config: dict | None = None):
         resp = Response(json.dumps(obj, default=_np_default), status=status, mimetype="application/json")
         if headers:
             resp.headers.update(headers)
-        return resp
-
-    @app.before_request
-    def _before():
-        g.t0 = time.perf_counter()
-        if tokens and request.path not in PUBLIC:
-            header = request.headers.get("Authorization", "")
-            given = header[7:].encode() if header.startswith("Bearer ") else b""
-            ok = False
-            for t in tokens:  # compare with every token: time does not depend on which matched
-                ok |= hmac.compare_digest(given, t)
-            if not ok:
-                raise Unauthorized("missing or wrong bearer token", hint="send Authorization: Bearer <token>")
-
-    @app.after_request
-    def _after(resp):
-        endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        if request.path != "/metrics":
-            mx.requests.labels(endpoint, str(resp.status_code)).inc()
-            mx.latency.labels(endpoint).observe(time.perf_counter() - g.get("t0", time.perf_counter()))
         if slot.model is not None:
             resp.headers["X-Model-Version"] = slot.model.version_label
         return resp
@@ -780,11 +836,9 @@ def create_app(config: dict | None = None):
         m = _model_for(name, version)
         return json_response({"name": m.name, "ready": True})
 
-    @app.post("/v2/models/<name>/infer")
-    @app.post("/v2/models/<name>/versions/<version>/infer")
-    def infer(name, version=None):
+    def infer_core(name: str, version: str | None, body: bytes, header_length: str | None) -> dict:
         m = _model_for(name, version)
-        X, outputs, rid = parse_infer(m, request.get_data(cache=False), request.headers.get("Inference-Header-Content-Length"), max_rows)
+        X, outputs, rid = parse_infer(m, body, header_length, max_rows)
         want_proba = outputs is not None and "predict_proba" in outputs
         labels, probs = m.predict(X, proba=want_proba)
         mx.predictions(m, labels)
@@ -796,18 +850,27 @@ def create_app(config: dict | None = None):
         if want_proba and probs is not None:
             p = np.asarray(probs, dtype=np.float64)
             out.append({"name": "predict_proba", "datatype": "FP64", "shape": list(p.shape), "data": p.ravel().tolist()})
-        body = {"model_name": m.name, "model_version": m.version_label, "outputs": out}
+        result = {"model_name": m.name, "model_version": m.version_label, "outputs": out}
         if rid is not None:
-            body["id"] = rid
-        return json_response(body)
+            result["id"] = rid
+        return result
+
+    def invocations_core(content_type: str, body: bytes) -> dict:
+        m = model()
+        X = parse_invocations(m, content_type, body, max_rows)
+        labels, _ = m.predict(X)
+        mx.predictions(m, labels)
+        return {"predictions": np.asarray(labels).tolist(), "model_version": m.version_label}
+
+    @app.post("/v2/models/<name>/infer")
+    @app.post("/v2/models/<name>/versions/<version>/infer")
+    def infer(name, version=None):
+        return json_response(infer_core(name, version, request.get_data(cache=False),
+                                        request.headers.get("Inference-Header-Content-Length")))
 
     @app.post("/invocations")
     def invocations():
-        m = model()
-        X = parse_invocations(m, request.headers.get("Content-Type", ""), request.get_data(cache=False), max_rows)
-        labels, _ = m.predict(X)
-        mx.predictions(m, labels)
-        return json_response({"predictions": np.asarray(labels).tolist(), "model_version": m.version_label})
+        return json_response(invocations_core(request.environ.get("CONTENT_TYPE", ""), request.get_data(cache=False)))
 
     @app.get("/metadata")
     def metadata():
@@ -825,7 +888,103 @@ def create_app(config: dict | None = None):
         data, ctype = render_metrics()
         return Response(data, mimetype=ctype.split(";")[0], headers={"Content-Type": ctype})
 
+    app.wsgi_app = Edge(app.wsgi_app, tokens, mx, slot, cfg["max_body_bytes"],
+                        {"invocations": invocations_core, "infer": infer_core})
     return app
+
+
+_FIXED_ROUTES = {"/invocations", "/ping", "/version", "/health", "/metadata", "/openapi.json", "/metrics", "/v2",
+                 "/v2/health/live", "/v2/health/ready"}
+
+
+def route_label(path: str) -> str:
+    """A bounded label for a request path (a client must not be able to mint metric series)."""
+    if path in _FIXED_ROUTES:
+        return path
+    if path.startswith("/v2/models/"):
+        versioned = "/versions/" in path
+        base = "/v2/models/<name>" + ("/versions/<version>" if versioned else "")
+        if path.endswith("/infer"):
+            return base + "/infer"
+        if path.endswith("/ready"):
+            return base + "/ready"
+        return base
+    return "unmatched"
+
+
+class Edge:
+    """WSGI middleware in front of Flask: bearer-token check, request metrics, and the two prediction
+    endpoints, served here without Flask's per-request context, routing and response objects (they
+    are the hot path; every other route goes through Flask). The Flask routes for the same endpoints
+    call the same core functions."""
+
+    def __init__(self, app, tokens: list[bytes], mx: "_Metrics", slot: "ModelSlot", max_body: int, cores: dict):
+        self.app, self.tokens, self.mx, self.slot, self.max_body, self.cores = app, tokens, mx, slot, max_body, cores
+
+    def __call__(self, environ, start_response):
+        t0 = time.perf_counter()
+        path = environ.get("PATH_INFO", "")
+        status_seen = []
+
+        def sr(status, headers, exc_info=None):
+            status_seen.append(status)
+            return start_response(status, headers, exc_info)
+
+        if self.tokens and path not in PUBLIC and not self._authorized(environ.get("HTTP_AUTHORIZATION", "")):
+            result = self._respond(sr, 401, {"error": str(Unauthorized("missing or wrong bearer token",
+                                                                       hint="send Authorization: Bearer <token>"))},
+                                   [("WWW-Authenticate", "Bearer")])
+        elif environ.get("REQUEST_METHOD") == "POST" and environ.get("CONTENT_LENGTH") and (
+                path == "/invocations" or (path.startswith("/v2/models/") and path.endswith("/infer"))):
+            result = self._predict(environ, sr, path)
+        else:
+            result = self.app(environ, sr)
+        if path != "/metrics" and status_seen:
+            self.mx.request(route_label(path), int(status_seen[0][:3]), time.perf_counter() - t0)
+        return result
+
+    def _predict(self, environ, sr, path: str):
+        try:
+            length = int(environ["CONTENT_LENGTH"])
+        except ValueError:
+            return self._respond(sr, 400, {"error": "Content-Length is not a number"})
+        try:
+            if length > self.max_body:
+                raise PayloadTooLarge(f"request body is larger than {self.max_body} bytes; split the request")
+            body = environ["wsgi.input"].read(length) if length > 0 else b""
+            if path == "/invocations":
+                doc = self.cores["invocations"](environ.get("CONTENT_TYPE", ""), body)
+            else:
+                parts = path.split("/")  # '', v2, models, NAME, [versions, V,] infer
+                if len(parts) == 5:
+                    name, version = parts[3], None
+                elif len(parts) == 7 and parts[4] == "versions":
+                    name, version = parts[3], parts[5]
+                else:
+                    raise NotFound(f"no such endpoint {path}; see /openapi.json")
+                doc = self.cores["infer"](name, version, body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
+            return self._respond(sr, 200, doc)
+        except MlpipeError as exc:
+            return self._respond(sr, exc.http_status, {"error": str(exc)})
+        except Exception:  # a bug: log it, do not leak it
+            log.exception("unexpected error on %s", path)
+            return self._respond(sr, 500, {"error": "internal error; see the server log"})
+
+    def _respond(self, sr, status: int, doc: dict, extra: list | None = None):
+        from http import HTTPStatus
+        body = json.dumps(doc, default=_np_default).encode()
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        if self.slot.model is not None:
+            headers.append(("X-Model-Version", self.slot.model.version_label))
+        sr(f"{status} {HTTPStatus(status).phrase.upper()}", headers + (extra or []))
+        return [body]
+
+    def _authorized(self, header: str) -> bool:
+        given = header[7:].encode() if header.startswith("Bearer ") else b""
+        ok = False
+        for t in self.tokens:  # compare with every token: the time does not depend on which one matched
+            ok |= hmac.compare_digest(given, t)
+        return ok
 
 
 def _np_default(o):
