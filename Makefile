@@ -52,8 +52,15 @@ demo: venv
 test: deps venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: venv
+# mlflow is a benchmark-only dependency: its own venv, with our scikit-learn version so both load the same pickle
+.venv-bench/.installed: $(VENV)/.installed
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install -q mlflow "scikit-learn==$$($(BIN)/python -c 'import sklearn; print(sklearn.__version__)')"
+	touch $@
+
+bench: deps venv .venv-bench/.installed
 	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/serve_vs_mlflow.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) .mlpipe .pytest_cache
+	rm -rf $(VENV) .venv-bench $(DEMO) .mlpipe .pytest_cache

@@ -45,7 +45,8 @@ BARE_APP = textwrap.dedent('''
 ''')
 SAVE_MLFLOW = textwrap.dedent('''
     import sys, joblib, mlflow.sklearn
-    mlflow.sklearn.save_model(joblib.load(sys.argv[1]), sys.argv[2])
+    # cloudpickle: MLflow's long-standing default (3.x's skops format refuses tree models without a trust list)
+    mlflow.sklearn.save_model(joblib.load(sys.argv[1]), sys.argv[2], serialization_format="cloudpickle")
 ''')
 
 

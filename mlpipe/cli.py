@@ -236,6 +236,36 @@ def models_rollback(name, alias, reason, as_json, registry, cache):
     _emit(entry, as_json, f"{name}@{alias} -> v{entry['version']}")
 
 
+LEDGER_EVENTS = ("deployed", "deploy_failed", "host_rolled_back", "fleet_rolled_back", "retrained", "gate_failed", "note")
+
+
+@models.command("record")
+@click.argument("ref")
+@click.option("--event", required=True, type=click.Choice(LEDGER_EVENTS), help="What happened.")
+@click.option("--host", default=None, help="The host it happened on.")
+@click.option("--reason", default="", help="Why.")
+@click.option("--detail", "details", multiple=True, metavar="KEY=VALUE", help="Extra fields (repeatable).")
+@_common
+def models_record(ref, event, host, reason, details, as_json, registry, cache):
+    """Append an event to a model's ledger (what the deploy playbooks use).
+
+    \b
+    Example:
+      mlpipe models record credit-risk:5 --event deployed --host 127.0.0.11 --reason "canary passed"
+    """
+    from mlpipe.errors import UsageError
+    reg = _registry(registry, cache)
+    name, version = reg.resolve(ref)
+    extra = {}
+    for d in details:
+        k, sep, v = d.partition("=")
+        if not sep or not k:
+            raise UsageError(f"--detail {d!r} is not KEY=VALUE")
+        extra[k] = v
+    entry = reg.record(name, event, version=version, host=host, reason=reason, **extra)
+    _emit(entry, as_json, f"recorded {event} {name}:{version}" + (f" on {host}" if host else ""))
+
+
 @models.command("pull")
 @click.argument("ref")
 @click.option("--dest", required=True, type=click.Path(file_okay=False), help="Folder that holds <N>/ version folders.")
@@ -268,26 +298,54 @@ def models_pull(ref, dest, activate, keep, as_json, registry, cache):
 @click.option("--max-regression", "regs", multiple=True, metavar="METRIC=D",
               help="Fail when METRIC is more than D below the baseline (--against, default @production).")
 @click.option("--against", default=None, help="Baseline version for --max-regression, e.g. credit-risk@production.")
+@click.option("--endpoint", default=None, metavar="URL", help="Check a live server instead of a registered version.")
+@click.option("--model", default=None, help="With --endpoint: the model name the server must serve.")
+@click.option("--expect-version", type=int, default=None, help="With --endpoint: the version the server must serve.")
+@click.option("--max-p99-ms", type=float, default=None, help="With --endpoint: fail when the single-row p99 latency is above this.")
+@click.option("--token", envvar="MLPIPE_TOKEN", default=None, help="With --endpoint: bearer token [env MLPIPE_TOKEN].")
 @_common
-def evaluate(ref, source, mins, maxs, regs, against, as_json, registry, cache):
-    """Check a version against thresholds on a data set; exit 0 pass, 1 fail.
+def evaluate(ref, source, mins, maxs, regs, against, endpoint, model, expect_version, max_p99_ms, token,
+             as_json, registry, cache):
+    """Check a version (or a live server) against thresholds.
 
-    With no thresholds, the gate of the version's spec is used.
+    Exit 0 pass, 1 a metric or latency check failed, 2 server unreachable, unhealthy or on another
+    version, 3 usage error. With no thresholds, the gate of the version's spec is used (offline).
 
     \b
     Example:
       mlpipe evaluate credit-risk:4 --data csv:holdout.csv --min accuracy=0.8
+      mlpipe evaluate --endpoint http://127.0.0.11:8000 --model credit-risk --expect-version 5 \\
+          --data csv:holdout.csv --min accuracy=0.9 --max-regression accuracy=0.02 --max-p99-ms 50
     """
     from mlpipe import evaluate as ev
     from mlpipe.errors import UsageError
-    if not ref:
-        raise UsageError("evaluate needs a model reference", hint="e.g. mlpipe evaluate credit-risk:4 --data csv:holdout.csv")
     gate = {"min": ev.parse_thresholds(mins, "--min"), "max": ev.parse_thresholds(maxs, "--max"),
             "max_regression": ev.parse_thresholds(regs, "--max-regression")}
     gate = {k: v for k, v in gate.items() if v}
-    report = ev.offline(_registry(registry, cache), ref, source, gate or None, against)
-    lines = [f"{report['model']}:{report['version']} on {report['data']['source']} ({report['data']['rows']} rows)"]
-    lines += [f"  {k} = {v:.4f}" for k, v in report["metrics"].items()]
+    if endpoint:
+        if ref:
+            raise UsageError("give either a model reference or --endpoint, not both")
+        if not endpoint.startswith(("http://", "https://")):
+            raise UsageError(f"--endpoint {endpoint!r} is not an http(s) URL", hint="e.g. http://127.0.0.11:8000")
+        if gate and not source:
+            raise UsageError("metric thresholds need --data", hint="e.g. --data csv:holdout.csv")
+        reg = _registry(registry, cache) if gate.get("max_regression") else None
+        if gate.get("max_regression") and not against:
+            against = f"{model}@production" if model else None
+        if gate.get("max_regression") and not against:
+            raise UsageError("--max-regression with --endpoint needs --against REF or --model NAME (then NAME@production)")
+        report = ev.endpoint(endpoint, model, expect_version, source, gate, max_p99_ms, reg, against, token)
+        lat = report["latency_ms"]
+        lines = [f"{report['endpoint']}: {report['model']} v{report['version']} ({report.get('runtime')}) live, ready",
+                 f"  latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, p99 {lat['p99']:.1f} ms over {lat['requests']} requests"]
+    else:
+        if not ref:
+            raise UsageError("evaluate needs a model reference or --endpoint", hint="e.g. mlpipe evaluate credit-risk:4 --data csv:holdout.csv")
+        if expect_version is not None or max_p99_ms is not None:
+            raise UsageError("--expect-version and --max-p99-ms need --endpoint")
+        report = ev.offline(_registry(registry, cache), ref, source, gate or None, against)
+        lines = [f"{report['model']}:{report['version']} on {report['data']['source']} ({report['data']['rows']} rows)"]
+    lines += [f"  {k} = {v:.4f}" for k, v in (report.get("metrics") or {}).items()]
     lines += [f"  FAIL {x}" for x in ev.describe_failures(report)]
     lines.append("PASS" if report["passed"] else "FAIL")
     _emit(report, as_json, "\n".join(lines))

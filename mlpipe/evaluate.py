@@ -106,8 +106,156 @@ def describe_failures(report: dict) -> list[str]:
                          f"({c['value']:.4f} vs {c['baseline']:.4f}); allowed {c['threshold']}")
         elif c.get("value") is None:
             lines.append(f"{c['metric']}: no value measured")
+        elif c["check"] == "max_p99_ms":
+            lines.append(f"latency p99 = {c['value']:.1f} ms, needs <= {c['threshold']} ms")
         else:
             op = ">=" if c["check"] in ("min",) else "<="
             lines.append(f"{c['metric']} = {c['value']:.4f}, needs {op} {c['threshold']}")
     return lines
 
+
+
+# ------------------------------------------------------------------------------------ live endpoint
+class _Remote:
+    """Just enough of an estimator for scikit-learn's scorers, answered by a live server."""
+
+    def __init__(self, session, base: str, name: str, meta: dict, batch: int, timeout: float, latencies: list):
+        self.session, self.base, self.name, self.batch, self.timeout = session, base.rstrip("/"), name, batch, timeout
+        self.latencies = latencies
+        self.classes_ = __import__("numpy").asarray(meta.get("parameters", {}).get("classes") or [])
+        self.kind = meta.get("parameters", {}).get("kind", "classification")
+
+    def _post(self, path: str, body: dict) -> dict:
+        import time
+        from mlpipe.errors import NotReady
+        t = time.perf_counter()
+        try:
+            r = self.session.post(f"{self.base}{path}", json=body, timeout=self.timeout)
+        except Exception as exc:
+            raise NotReady(f"{self.base} did not answer {path}: {type(exc).__name__}") from None
+        self.latencies.append((time.perf_counter() - t) * 1000)
+        if r.status_code != 200:
+            raise NotReady(f"{self.base}{path} answered {r.status_code}: {r.text[:200]}")
+        return r.json()
+
+    def _chunks(self, X):
+        for i in range(0, len(X), self.batch):
+            yield X.iloc[i:i + self.batch]
+
+    def predict(self, X):
+        import numpy as np
+        out = []
+        for chunk in self._chunks(X):
+            body = {"dataframe_split": {"columns": [str(c) for c in chunk.columns], "data": chunk.astype(object).values.tolist()}}
+            out.extend(self._post("/invocations", body)["predictions"])
+        return np.asarray(out)
+
+    def predict_proba(self, X):
+        import numpy as np
+        out = []
+        for chunk in self._chunks(X):
+            inputs = [{"name": str(c), "shape": [len(chunk)], "datatype": "BYTES" if chunk[c].dtype == object else "FP64",
+                       "data": chunk[c].tolist()} for c in chunk.columns]
+            res = self._post(f"/v2/models/{self.name}/infer", {"inputs": inputs, "outputs": [{"name": "predict_proba"}]})
+            t = res["outputs"][0]
+            out.append(np.asarray(t["data"], dtype=np.float64).reshape(t["shape"]))
+        return np.vstack(out)
+
+
+def _remote_estimator(remote: _Remote):
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+    mixin = ClassifierMixin if remote.kind == "classification" else RegressorMixin
+
+    class RemoteModel(mixin, BaseEstimator):
+        def __init__(self):
+            self.classes_ = remote.classes_
+
+        def fit(self, X, y=None):  # pragma: no cover - never fitted here
+            return self
+
+        def predict(self, X):
+            return remote.predict(X)
+
+        if remote.kind == "classification":
+            def predict_proba(self, X):
+                return remote.predict_proba(X)
+    return RemoteModel()
+
+
+def endpoint(url: str, model: str | None = None, expect_version: int | None = None, source: str | None = None,
+             gate: dict | None = None, max_p99_ms: float | None = None, reg=None, against: str | None = None,
+             token: str | None = None, latency_requests: int = 50, timeout: float = 10.0, batch: int = 200) -> dict:
+    """Liveness, readiness, version, latency and the gate's metrics, through a live server's API.
+
+    Raises NotReady (exit 2) when the server is unreachable, unhealthy or serves another version.
+    """
+    import numpy as np
+    import requests
+    from mlpipe.errors import NotReady
+    session = requests.Session()
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    base = url.rstrip("/")
+    report: dict = {"endpoint": base, "checks": []}
+
+    def get(path):
+        try:
+            return session.get(f"{base}{path}", timeout=timeout)
+        except requests.RequestException as exc:
+            raise NotReady(f"{base} is unreachable ({type(exc).__name__})",
+                           hint="check the host, the port and that the server runs") from None
+    if get("/v2/health/live").status_code != 200:
+        raise NotReady(f"{base} is not live")
+    ready = get("/v2/health/ready")
+    if ready.status_code != 200:
+        raise NotReady(f"{base} is not ready: {ready.text[:200]}")
+    meta = get("/metadata")
+    if meta.status_code != 200:
+        raise NotReady(f"{base}/metadata answered {meta.status_code}: {meta.text[:200]}")
+    meta = meta.json()
+    report.update({"model": meta["name"], "version": meta["version"], "id": meta.get("id"), "runtime": meta.get("runtime")})
+    if model and meta["name"] != model:
+        raise NotReady(f"{base} serves model '{meta['name']}', expected '{model}'")
+    if expect_version is not None and int(meta["version"]) != int(expect_version):
+        raise NotReady(f"{base} serves {meta['name']} v{meta['version']}, expected v{expect_version}",
+                       hint="the switch or reload did not take effect; see the server log and /metadata load_error")
+    gate = gate or {}
+    latencies: list = []
+    remote = _Remote(session, base, meta["name"], get(f"/v2/models/{meta['name']}").json(), batch, timeout, latencies)
+    if source:
+        ds, X, y = frame_for(meta, source)
+        wanted = list(dict.fromkeys([m for part in ("min", "max", "max_regression") for m in (gate.get(part) or {})]
+                                    + list((meta.get("metrics") or {}).keys())))
+        from mlpipe.train import score
+        metrics = score(_remote_estimator(remote), wanted, X, y)
+        baseline = None
+        if gate.get("max_regression"):
+            if against and reg is not None:
+                from tempfile import TemporaryDirectory
+                bname, bversion = reg.resolve(against)
+                with TemporaryDirectory() as tmp:
+                    path, _, _ = reg.pull(f"{bname}:{bversion}", tmp)
+                    bmodel, _ = artifact.load_model(path)
+                    baseline = score(bmodel, list(gate["max_regression"]), X, y)
+                report["baseline"] = f"{bname}:{bversion}"
+        report.update({"data": {"source": ds.source, "rows": ds.rows}, "metrics": metrics, "baseline_metrics": baseline})
+        report["checks"] += checks_for(metrics, gate, baseline)
+        sample = X.iloc[: max(1, min(latency_requests, len(X)))]
+        single = _Remote(session, base, meta["name"], {}, 1, timeout, latencies)
+        latencies.clear()
+        for i in range(len(sample)):
+            single.predict(sample.iloc[i:i + 1])
+    else:
+        latencies.clear()
+        for _ in range(latency_requests):
+            t = __import__("time").perf_counter()
+            get("/v2/health/ready")
+            latencies.append((__import__("time").perf_counter() - t) * 1000)
+    lat = np.asarray(latencies)
+    report["latency_ms"] = {"requests": int(lat.size), "p50": float(np.percentile(lat, 50)),
+                            "p95": float(np.percentile(lat, 95)), "p99": float(np.percentile(lat, 99))}
+    if max_p99_ms is not None:
+        report["checks"].append({"check": "max_p99_ms", "metric": "latency_p99_ms", "value": report["latency_ms"]["p99"],
+                                 "threshold": max_p99_ms, "passed": report["latency_ms"]["p99"] <= max_p99_ms})
+    report["passed"] = all(c["passed"] for c in report["checks"])
+    return report

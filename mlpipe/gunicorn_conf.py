@@ -28,12 +28,11 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 os.environ["MLPIPE_UNDER_GUNICORN"] = "1"
 
 # imported once in the master; forked workers share them. Not onnxruntime: its global state does
-# not survive fork (workers would hang in its destructors at exit).
+# not survive fork (workers would hang in its destructors at exit). Not scikit-learn or pandas
+# either: the ONNX path needs neither, and they would add ~1 s to every start.
 import flask  # noqa: E402,F401
 import numpy  # noqa: E402,F401
-import pandas  # noqa: E402,F401
 import prometheus_client  # noqa: E402,F401
-import sklearn  # noqa: E402,F401
 
 
 def on_starting(server):
