@@ -271,8 +271,9 @@ def models_record(ref, event, host, reason, details, as_json, registry, cache):
 @click.option("--dest", required=True, type=click.Path(file_okay=False), help="Folder that holds <N>/ version folders.")
 @click.option("--activate", is_flag=True, help="Also switch the 'current' symlink to this version (atomically).")
 @click.option("--keep", default=3, show_default=True, help="With --activate: version folders to keep.")
+@click.option("--set-previous", type=int, default=None, help="With --activate: point 'previous' at this version (rollbacks).")
 @_common
-def models_pull(ref, dest, activate, keep, as_json, registry, cache):
+def models_pull(ref, dest, activate, keep, set_previous, as_json, registry, cache):
     """Copy a version, verified by sha256, into DEST/<N>/.
 
     \b
@@ -284,7 +285,7 @@ def models_pull(ref, dest, activate, keep, as_json, registry, cache):
     out = {"path": str(path), "name": manifest["name"], "version": manifest["version"], "id": manifest["id"], "changed": changed}
     if activate:
         from mlpipe import hostdir
-        out["switched"] = hostdir.activate(Path(dest), manifest["version"], keep=keep)
+        out["switched"] = hostdir.activate(Path(dest), manifest["version"], keep=keep, set_previous=set_previous)
         out["changed"] = changed or out["switched"]
     _emit(out, as_json, f"{manifest['name']}:{manifest['version']} -> {path}" + (" (already there)" if not changed else "")
           + (" [current]" if activate else ""))

@@ -38,19 +38,24 @@ def _link(directory: Path, name: str, version: int) -> None:
     os.replace(tmp, directory / name)
 
 
-def activate(directory: Path, version: int, keep: int = 3) -> bool:
-    """Point ``current`` at ``version`` (and ``previous`` at the old current). Returns changed."""
+def activate(directory: Path, version: int, keep: int = 3, set_previous: int | None = None) -> bool:
+    """Point ``current`` at ``version`` and ``previous`` at the old current, or at ``set_previous``
+    (a rollback after a failed deploy restores both links as they were). Returns changed."""
     directory = Path(directory)
     if not (directory / str(version) / "manifest.json").is_file():
         raise NotFound(f"version {version} is not pulled into {directory}", hint="run mlpipe models pull first")
     old = current(directory)
-    if old == version:
-        return False
-    if old is not None:
-        _link(directory, "previous", old)
-    _link(directory, "current", version)
-    prune(directory, keep)
-    return True
+    new_previous = set_previous if set_previous is not None else (old if old != version else previous(directory))
+    changed = False
+    if new_previous is not None and new_previous != previous(directory) and (directory / str(new_previous)).is_dir():
+        _link(directory, "previous", new_previous)
+        changed = True
+    if old != version:
+        _link(directory, "current", version)
+        changed = True
+    if changed:
+        prune(directory, keep)
+    return changed
 
 
 def prune(directory: Path, keep: int) -> list[int]:

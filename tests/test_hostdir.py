@@ -27,3 +27,14 @@ def test_activate_switches_and_keeps_previous(tmp_path):
 def test_activate_needs_pulled_version(tmp_path):
     with pytest.raises(NotFound, match="not pulled"):
         hostdir.activate(tmp_path, 7)
+
+
+def test_rollback_restores_both_links(tmp_path):
+    for n in (1, 2, 3):
+        _version(tmp_path, n)
+    hostdir.activate(tmp_path, 1)
+    hostdir.activate(tmp_path, 2)
+    hostdir.activate(tmp_path, 3)            # a bad deploy: current 3, previous 2
+    assert hostdir.activate(tmp_path, 2, set_previous=1)
+    assert (hostdir.current(tmp_path), hostdir.previous(tmp_path)) == (2, 1)
+    assert not hostdir.activate(tmp_path, 2, set_previous=1)  # idempotent
