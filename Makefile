@@ -6,11 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH):/usr/sbin
-APT_PACKAGES := redis-server haproxy openssh-server cron wrk supervisor
+APT_PACKAGES := redis-server haproxy openssh-server openssh-client cron wrk supervisor
 DEMO ?= .demo
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv demo test test-fast bench clean
+.PHONY: help deps venv demo fleet-down test bench clean
 
 help:
 	@echo "make demo   set up, train the examples, register them, show them"
@@ -19,7 +19,7 @@ help:
 
 # Debian packages the real servers in the tests come from; installed only when missing.
 deps:
-	@missing=""; for c in redis-server haproxy sshd crontab wrk supervisord; do \
+	@missing=""; for c in redis-server haproxy sshd ssh-keygen crontab wrk supervisord; do \
 	  command -v $$c >/dev/null 2>&1 || [ -x /usr/sbin/$$c ] || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages (missing:$$missing)"; \
@@ -37,17 +37,33 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 venv: $(VENV)/.installed
 
-demo: venv
+# The main job on the local fleet: HAProxy on 127.0.0.10, model servers on 127.0.0.11-13
+demo: deps venv
+	@$(MAKE) --no-print-directory fleet-down
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)
-	@export MLPIPE_REGISTRY=$(CURDIR)/$(DEMO)/registry; set -e; \
+	@export MLPIPE_FLEET_ROOT=$(CURDIR)/$(DEMO) MLPIPE_REGISTRY=$(CURDIR)/$(DEMO)/registry; set -e; \
 	for s in credit-risk hello-world house-prices; do $(BIN)/mlpipe train examples/$$s.yml -m "demo: first $$s"; done; \
 	$(BIN)/mlpipe train examples/credit-risk.yml -m "Updated model with August data"; \
 	$(BIN)/mlpipe models promote credit-risk:2 --alias production --reason "demo: beats v1"; \
 	echo; echo '$$ mlpipe models list'; $(BIN)/mlpipe models list; \
-	echo; echo '$$ mlpipe models log credit-risk'; $(BIN)/mlpipe models log credit-risk; \
 	echo; echo '$$ mlpipe models show credit-risk@production'; $(BIN)/mlpipe models show credit-risk@production; \
-	echo; echo '$$ mlpipe evaluate credit-risk@production'; $(BIN)/mlpipe evaluate credit-risk@production; \
-	echo; echo "registry: $(CURDIR)/$(DEMO)/registry  (export MLPIPE_REGISTRY=$(CURDIR)/$(DEMO)/registry to explore)"
+	echo; echo '$$ ansible-playbook playbooks/site.yml'; $(BIN)/ansible-playbook playbooks/site.yml | tail -8; \
+	echo; echo '$$ ansible-playbook playbooks/deploy.yml -e model=credit-risk -e version=@production'; \
+	$(BIN)/ansible-playbook playbooks/deploy.yml -e model=credit-risk -e version=@production | tail -6; \
+	echo; echo '$$ mlpipe evaluate --endpoint http://127.0.0.11:8000 --model credit-risk --expect-version 2'; \
+	$(BIN)/mlpipe evaluate --endpoint http://127.0.0.11:8000 --model credit-risk --expect-version 2 --data sklearn:breast_cancer --min accuracy=0.85; \
+	echo; echo '$$ mlpipe models history credit-risk'; $(BIN)/mlpipe models history credit-risk; \
+	body=$$($(BIN)/python -c 'import json; from sklearn.datasets import load_breast_cancer as l; f=l(as_frame=True).frame; c=[x for x in f.columns if x!="target"]; print(json.dumps({"dataframe_split": {"columns": c, "data": f[c].head(2).values.tolist()}}))'); \
+	echo; echo "The fleet is up: three hosts behind HAProxy. Try:"; \
+	echo "  curl -s http://127.0.0.10:8080/invocations -H 'Content-Type: application/json' -d '$$body'"; \
+	curl -s http://127.0.0.10:8080/invocations -H 'Content-Type: application/json' -d "$$body"; echo; \
+	echo "  export MLPIPE_FLEET_ROOT=$(CURDIR)/$(DEMO) MLPIPE_REGISTRY=$(CURDIR)/$(DEMO)/registry   # then ansible-playbook / mlpipe as above"; \
+	echo "  make fleet-down   # stops the demo fleet"
+
+# Stop what site.yml started on the local fleet (supervisord + gunicorn per host, HAProxy)
+fleet-down:
+	@for c in $(DEMO)/*/etc/supervisord.conf; do [ -f "$$c" ] && supervisorctl -c "$$c" shutdown >/dev/null 2>&1; done; \
+	for p in $(DEMO)/*/run/haproxy.pid; do [ -f "$$p" ] && kill $$(cat "$$p") 2>/dev/null; done; true
 
 test: deps venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
