@@ -85,15 +85,26 @@ def test_non_numeric_without_encoder_is_a_clear_error(tmp_path, write_spec):
 
 
 def test_onnx_rejected_when_it_disagrees():
-    """A regressor whose ONNX graph is float32 disagrees beyond tolerance on huge targets: rejected."""
+    """A compiled graph that disagrees with scikit-learn is refused: here the estimator's own
+    predict flips the labels, while skl2onnx compiles the plain logistic regression underneath."""
     import pandas as pd
-    from sklearn.linear_model import LinearRegression
-    rng = np.random.default_rng(0)
-    X = pd.DataFrame(rng.normal(size=(200, 3)) * 1e6, columns=list("abc"))
-    y = X["a"] * 1e3 + 0.123456
-    est = LinearRegression().fit(X, y)
-    data, info = onnx.convert_and_check(est, X, X, classifier=False)
-    if info["status"] == "ok":   # double precision kept it exact: still within the tolerance we state
-        assert info["max_abs_diff"] <= abs(y).max() * onnx.REGRESSION_RTOL
-    else:
-        assert data is None and info["status"] in ("rejected", "unsupported")
+    from skl2onnx import update_registered_converter
+    from skl2onnx.operator_converters.linear_classifier import convert_sklearn_linear_classifier
+    from skl2onnx.shape_calculators.linear_classifier import calculate_linear_classifier_output_shapes
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+
+    class FlippedLR(LogisticRegression):
+        def predict(self, X):
+            return 1 - super().predict(X)
+
+    update_registered_converter(FlippedLR, "MlpipeTestFlippedLR", calculate_linear_classifier_output_shapes,
+                                convert_sklearn_linear_classifier, options={"zipmap": [True, False, "columns"], "nocl": [True, False],
+                                         "raw_scores": [True, False], "output_class_labels": [False, True]})
+    X, y = load_breast_cancer(return_X_y=True, as_frame=True)
+    est = FlippedLR(max_iter=5000).fit(X, y)
+    data, info = onnx.convert_and_check(est, X, X, classifier=True)
+    assert data is None and info["status"] == "rejected" and "disagree" in info["reason"]
+    plain = LogisticRegression(max_iter=5000).fit(X, y)
+    data, info = onnx.convert_and_check(plain, X, X, classifier=True)
+    assert data is not None and info["status"] == "ok" and info["precision"] == "float64"
