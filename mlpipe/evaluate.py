@@ -7,7 +7,6 @@ latency check failed, 2 endpoint unreachable or unhealthy, 3 usage error.
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 from mlpipe import artifact, data
 from mlpipe.errors import UsageError

@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 
 from mlpipe import artifact, data
 from mlpipe.errors import DataError, SpecError

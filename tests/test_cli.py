@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlpipe.cli import cli
-from conftest import EXAMPLES, free_port, run_cli, small_spec
+from conftest import EXAMPLES, free_port, run_cli
 
 
 def _commands(group, prefix=()):

@@ -1,7 +1,6 @@
 import sqlite3
 
 import boto3
-import pandas as pd
 import pytest
 
 from mlpipe import data

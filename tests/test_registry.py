@@ -9,7 +9,7 @@ import pytest
 from mlpipe import artifact, spec, train
 from mlpipe.errors import Conflict, IntegrityError, NotFound, RegistryError, UsageError
 from mlpipe.registry import CachedStore, FileStore, Registry, open_store, parse_ref
-from conftest import EXAMPLES, ROOT, free_port, run_cli
+from conftest import EXAMPLES, free_port, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,6 @@ def test_non_numeric_without_encoder_is_a_clear_error(tmp_path, write_spec):
 def test_onnx_rejected_when_it_disagrees():
     """A compiled graph that disagrees with scikit-learn is refused: here the estimator's own
     predict flips the labels, while skl2onnx compiles the plain logistic regression underneath."""
-    import pandas as pd
     from skl2onnx import update_registered_converter
     from skl2onnx.operator_converters.linear_classifier import convert_sklearn_linear_classifier
     from skl2onnx.shape_calculators.linear_classifier import calculate_linear_classifier_output_shapes
