@@ -327,7 +327,8 @@ _METRICS: _Metrics | None = None
 
 
 def _multiprocess_dir() -> str | None:
-    """Under gunicorn, share one metrics folder between the workers of a master (by its pid)."""
+    """Under gunicorn (its arbiter sets SERVER_SOFTWARE in the environment), share one metrics folder
+    between the workers of a master (by its pid)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return os.environ["PROMETHEUS_MULTIPROC_DIR"]
     if "gunicorn" in os.environ.get("SERVER_SOFTWARE", "") or os.environ.get("MLPIPE_UNDER_GUNICORN"):

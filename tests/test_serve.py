@@ -401,3 +401,40 @@ def test_tampered_new_version_refused_old_keeps_serving(server):
 def test_start_to_ready_is_reported(server):
     print(f"start to ready: {server.ready_after:.2f}s")
     assert server.ready_after > 0
+
+
+def test_plain_gunicorn_command_aggregates_metrics_over_workers(fleet, tmp_path, data):
+    """The documented bare command, without mlpipe's gunicorn config: metrics still cover every worker."""
+    import subprocess
+    import sys
+    import requests
+    from conftest import free_port, stop, wait_port
+    d = tmp_path / "m"
+    shutil.copytree(fleet["dir"], d, symlinks=True)
+    hostdir.activate(d, 1)
+    port = free_port()
+    env = {**os.environ, "MLPIPE_MODEL_DIR": str(d)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-w", "2", "-b", f"127.0.0.1:{port}",
+                             "mlpipe.serve:create_app()"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port("127.0.0.1", port, proc)
+        frame, cols = data
+        from concurrent.futures import ThreadPoolExecutor
+        body = {"instances": frame[cols].head(100).values.tolist()}
+
+        def call(_):
+            r = requests.post(f"http://127.0.0.1:{port}/invocations", json=body)
+            meta = requests.get(f"http://127.0.0.1:{port}/metadata").json()
+            return r.status_code, meta["pid"]
+        with ThreadPoolExecutor(6) as pool:  # concurrent: sync workers take one request each at a time
+            results = list(pool.map(call, range(60)))
+        assert {status for status, _ in results} == {200}
+        assert len({pid for _, pid in results}) == 2  # both workers answered
+        time.sleep(1.2)  # batched counters are written within 0.5 s
+        for _ in range(4):  # whichever worker answers the scrape reports every worker's requests
+            text = requests.get(f"http://127.0.0.1:{port}/metrics").text
+            line = [x for x in text.splitlines() if x.startswith('mlpipe_requests_total{endpoint="/invocations",status="200"}')]
+            assert line and float(line[0].split()[-1]) == 60.0, line
+    finally:
+        stop(proc)
