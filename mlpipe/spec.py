@@ -20,7 +20,7 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 # key -> (type, required) for each section; nested sections have their own table.
 _TOP = {"name": str, "description": str, "data": dict, "split": dict, "model": dict,
-        "metrics": list, "gate": dict, "retrain": dict, "deploy": dict}
+        "metrics": list, "gate": dict}
 _DATA = {"source": str, "target": str, "features": list, "holdout": str}
 _SPLIT = {"test_size": (int, float), "random_state": int, "stratify": bool, "shuffle": bool}
 _MODEL = {"estimator": str, "params": dict, "steps": list, "onnx": bool}
@@ -38,8 +38,6 @@ class Spec:
     metrics: list = field(default_factory=list)
     gate: dict = field(default_factory=dict)
     description: str = ""
-    retrain: dict = field(default_factory=dict)
-    deploy: dict = field(default_factory=dict)
     path: str = "<dict>"
     raw: dict = field(default_factory=dict)
 
@@ -174,8 +172,7 @@ def validate(raw: Any, path: str = "<dict>") -> Spec:
                 raise SpecError(f"{path}: 'gate.{part}.{m}' must be a number, got {v!r}")
     return Spec(name=raw["name"], data=dict(raw["data"]), model=dict(raw["model"]),
                 split=dict(raw.get("split") or {}), metrics=list(metrics), gate=dict(gate),
-                description=raw.get("description") or "", retrain=dict(raw.get("retrain") or {}),
-                deploy=dict(raw.get("deploy") or {}), path=path, raw=copy.deepcopy(raw))
+                description=raw.get("description") or "", path=path, raw=copy.deepcopy(raw))
 
 
 def load(path: str | Path) -> Spec:

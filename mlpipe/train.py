@@ -106,7 +106,7 @@ def train(spec: Spec, workdir: Path, message: str = "", parent: dict | None = No
     extra = {}
     onnx_info = {"status": "disabled"}
     if onnx is None:
-        onnx = bool(spec.model.get("onnx", True)) if isinstance(spec.model.get("onnx", True), bool) else True
+        onnx = spec.model.get("onnx", True) is not False
     if onnx:
         from mlpipe import onnx as onnx_mod
         onnx_bytes, onnx_info = onnx_mod.convert_and_check(est, X_train, X_test, classifier)

@@ -19,7 +19,7 @@ def test_malformed_yaml_names_line(write_spec):
 
 def test_unknown_key_names_key_and_choices(write_spec):
     p = write_spec(small_spec(modle={"estimator": "x"}))
-    with pytest.raises(SpecError, match=r"unknown key 'modle'.*expected one of: data, deploy"):
+    with pytest.raises(SpecError, match=r"unknown key 'modle'.*expected one of: data, description, gate"):
         spec.load(p)
 
 
