@@ -187,7 +187,7 @@ def models_history(name, as_json, registry, cache):
       mlpipe models history credit-risk
     """
     reg = _registry(registry, cache)
-    reg._require_model(name)
+    reg.require_model(name)
     events = reg.events(name)
     lines = []
     for e in events:

@@ -332,7 +332,8 @@ class Registry:
                 out.append(int(parts[2]))
         return sorted(out)
 
-    def _require_model(self, name: str) -> list[int]:
+    def require_model(self, name: str) -> list[int]:
+        """The versions of ``name``; NotFound (naming the known models) when it has none."""
         versions = self.versions(name)
         if not versions:
             known = self.models()
@@ -344,7 +345,7 @@ class Registry:
         try:
             return self.store.get_json(f"{name}/versions/{version}/{artifact.MANIFEST}")
         except KeyError:
-            versions = self._require_model(name)
+            versions = self.require_model(name)
             raise NotFound(f"model '{name}' has no version {version}",
                            hint=f"versions are {', '.join(map(str, versions))}") from None
 
@@ -353,13 +354,13 @@ class Registry:
         if alias:
             a = self.alias(name, alias)
             if a is None:
-                self._require_model(name)
+                self.require_model(name)
                 known = ", ".join(self.aliases(name)) or "none"
                 raise NotFound(f"model '{name}' has no alias '{alias}'",
                                hint=f"aliases are: {known}; set one with mlpipe models promote {name}:N --alias {alias}")
             return name, int(a["version"])
         if version is None:
-            return name, self._require_model(name)[-1]
+            return name, self.require_model(name)[-1]
         return name, version
 
     def get(self, ref: str) -> dict:
@@ -456,7 +457,7 @@ class Registry:
     def rollback(self, name: str, alias: str, reason: str = "") -> dict:
         old = self.alias(name, alias)
         if old is None:
-            self._require_model(name)
+            self.require_model(name)
             raise NotFound(f"model '{name}' has no alias '{alias}' to roll back")
         history = list(old.get("history", []))
         if not history:
@@ -520,6 +521,6 @@ def iter_log(reg: Registry, names: Iterable[str] | None = None) -> list[dict]:
     """Every version's manifest, newest first (what ``mlpipe models log`` shows)."""
     out = []
     for name in names or reg.models():
-        for v in reg._require_model(name):
+        for v in reg.require_model(name):
             out.append(reg.manifest(name, v))
     return sorted(out, key=lambda m: (m.get("created", ""), m["name"], m["version"]), reverse=True)
