@@ -7,9 +7,12 @@ latency check failed, 2 endpoint unreachable or unhealthy, 3 usage error.
 from __future__ import annotations
 
 import tempfile
+import time
+
+import numpy as np
 
 from mlpipe import artifact, data
-from mlpipe.errors import UsageError
+from mlpipe.errors import NotReady, UsageError
 
 
 def parse_thresholds(items: tuple | list, flag: str) -> dict[str, float]:
@@ -58,9 +61,19 @@ def frame_for(manifest: dict, source: str):
     return ds, X, y
 
 
-def score_manifest_metrics(model, names: list, X, y) -> dict:
+def _wanted_metrics(names, gate: dict) -> list[str]:
+    """The version's own metrics, then any the gate names, each once."""
+    return list(dict.fromkeys(list(names or []) + [m for part in ("min", "max", "max_regression")
+                                                   for m in (gate.get(part) or {})]))
+
+
+def score_version(reg, name: str, version: int, metrics: list, X, y) -> dict:
+    """Pull a registered version (sha256-verified), load it and score it on X, y."""
     from mlpipe.train import score
-    return score(model, names, X, y)
+    with tempfile.TemporaryDirectory() as tmp:
+        path, _, _ = reg.pull(f"{name}:{version}", tmp)
+        model, _ = artifact.load_model(path)
+        return score(model, metrics, X, y)
 
 
 def offline(reg, ref: str, source: str | None, gate: dict | None = None, against: str | None = None) -> dict:
@@ -70,25 +83,18 @@ def offline(reg, ref: str, source: str | None, gate: dict | None = None, against
     if source is None:
         source = manifest["data"]["source"]
     gate = gate if gate else (manifest.get("gate") or {})
-    wanted = list(dict.fromkeys(list(manifest.get("metrics") or {}) +
-                                [m for part in ("min", "max", "max_regression") for m in (gate.get(part) or {})]))
     ds, X, y = frame_for(manifest, source)
-    with tempfile.TemporaryDirectory() as tmp:
-        path, _, _ = reg.pull(f"{name}:{version}", tmp)
-        model, _ = artifact.load_model(path)
-        metrics = score_manifest_metrics(model, wanted, X, y)
-        baseline = None
-        baseline_ref = None
-        if gate.get("max_regression"):
-            if against is None:
-                a = reg.alias(name, "production")
-                against = f"{name}@production" if a and int(a["version"]) != version else None
-            if against:
-                bname, bversion = reg.resolve(against)
-                bpath, _, _ = reg.pull(f"{bname}:{bversion}", tmp)
-                bmodel, _ = artifact.load_model(bpath)
-                baseline = score_manifest_metrics(bmodel, list(gate["max_regression"]), X, y)
-                baseline_ref = f"{bname}:{bversion}"
+    metrics = score_version(reg, name, version, _wanted_metrics(manifest.get("metrics"), gate), X, y)
+    baseline = None
+    baseline_ref = None
+    if gate.get("max_regression"):
+        if against is None:
+            a = reg.alias(name, "production")
+            against = f"{name}@production" if a and int(a["version"]) != version else None
+        if against:
+            bname, bversion = reg.resolve(against)
+            baseline = score_version(reg, bname, bversion, list(gate["max_regression"]), X, y)
+            baseline_ref = f"{bname}:{bversion}"
     checks = checks_for(metrics, gate, baseline)
     return {"model": name, "version": version, "id": manifest["id"], "data": {"source": ds.source, "rows": ds.rows,
             "fingerprint": ds.fingerprint}, "metrics": metrics, "baseline": baseline_ref,
@@ -113,7 +119,6 @@ def describe_failures(report: dict) -> list[str]:
     return lines
 
 
-
 # ------------------------------------------------------------------------------------ live endpoint
 class _Remote:
     """Just enough of an estimator for scikit-learn's scorers, answered by a live server."""
@@ -121,12 +126,10 @@ class _Remote:
     def __init__(self, session, base: str, name: str, meta: dict, batch: int, timeout: float, latencies: list):
         self.session, self.base, self.name, self.batch, self.timeout = session, base.rstrip("/"), name, batch, timeout
         self.latencies = latencies
-        self.classes_ = __import__("numpy").asarray(meta.get("parameters", {}).get("classes") or [])
+        self.classes_ = np.asarray(meta.get("parameters", {}).get("classes") or [])
         self.kind = meta.get("parameters", {}).get("kind", "classification")
 
     def _post(self, path: str, body: dict) -> dict:
-        import time
-        from mlpipe.errors import NotReady
         t = time.perf_counter()
         try:
             r = self.session.post(f"{self.base}{path}", json=body, timeout=self.timeout)
@@ -142,7 +145,6 @@ class _Remote:
             yield X.iloc[i:i + self.batch]
 
     def predict(self, X):
-        import numpy as np
         out = []
         for chunk in self._chunks(X):
             body = {"dataframe_split": {"columns": [str(c) for c in chunk.columns], "data": chunk.astype(object).values.tolist()}}
@@ -150,7 +152,6 @@ class _Remote:
         return np.asarray(out)
 
     def predict_proba(self, X):
-        import numpy as np
         out = []
         for chunk in self._chunks(X):
             inputs = [{"name": str(c), "shape": [len(chunk)], "datatype": "BYTES" if chunk[c].dtype == object else "FP64",
@@ -188,9 +189,7 @@ def endpoint(url: str, model: str | None = None, expect_version: int | None = No
 
     Raises NotReady (exit 2) when the server is unreachable, unhealthy or serves another version.
     """
-    import numpy as np
     import requests
-    from mlpipe.errors import NotReady
     session = requests.Session()
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
@@ -223,20 +222,13 @@ def endpoint(url: str, model: str | None = None, expect_version: int | None = No
     remote = _Remote(session, base, meta["name"], get(f"/v2/models/{meta['name']}").json(), batch, timeout, latencies)
     if source:
         ds, X, y = frame_for(meta, source)
-        wanted = list(dict.fromkeys([m for part in ("min", "max", "max_regression") for m in (gate.get(part) or {})]
-                                    + list((meta.get("metrics") or {}).keys())))
         from mlpipe.train import score
-        metrics = score(_remote_estimator(remote), wanted, X, y)
+        metrics = score(_remote_estimator(remote), _wanted_metrics(meta.get("metrics"), gate), X, y)
         baseline = None
-        if gate.get("max_regression"):
-            if against and reg is not None:
-                from tempfile import TemporaryDirectory
-                bname, bversion = reg.resolve(against)
-                with TemporaryDirectory() as tmp:
-                    path, _, _ = reg.pull(f"{bname}:{bversion}", tmp)
-                    bmodel, _ = artifact.load_model(path)
-                    baseline = score(bmodel, list(gate["max_regression"]), X, y)
-                report["baseline"] = f"{bname}:{bversion}"
+        if gate.get("max_regression") and against and reg is not None:
+            bname, bversion = reg.resolve(against)
+            baseline = score_version(reg, bname, bversion, list(gate["max_regression"]), X, y)
+            report["baseline"] = f"{bname}:{bversion}"
         report.update({"data": {"source": ds.source, "rows": ds.rows}, "metrics": metrics, "baseline_metrics": baseline})
         report["checks"] += checks_for(metrics, gate, baseline)
         sample = X.iloc[: max(1, min(latency_requests, len(X)))]
@@ -247,9 +239,9 @@ def endpoint(url: str, model: str | None = None, expect_version: int | None = No
     else:
         latencies.clear()
         for _ in range(latency_requests):
-            t = __import__("time").perf_counter()
+            t = time.perf_counter()
             get("/v2/health/ready")
-            latencies.append((__import__("time").perf_counter() - t) * 1000)
+            latencies.append((time.perf_counter() - t) * 1000)
     lat = np.asarray(latencies)
     report["latency_ms"] = {"requests": int(lat.size), "p50": float(np.percentile(lat, 50)),
                             "p95": float(np.percentile(lat, 95)), "p99": float(np.percentile(lat, 99))}
