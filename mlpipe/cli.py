@@ -236,7 +236,7 @@ def models_rollback(name, alias, reason, as_json, registry, cache):
     _emit(entry, as_json, f"{name}@{alias} -> v{entry['version']}")
 
 
-LEDGER_EVENTS = ("deployed", "deploy_failed", "host_rolled_back", "fleet_rolled_back", "retrained", "gate_failed", "note")
+LEDGER_EVENTS = ("deployed", "deploy_failed", "host_rolled_back", "fleet_rolled_back", "note")
 
 
 @models.command("record")

@@ -389,7 +389,7 @@ def _takes(m: LoadedModel) -> str:
     return f"this model takes {len(m.features)} features: {shown}{', ...' if len(m.features) > 8 else ''} (GET /v2/models/{m.name})"
 
 
-def _check_rows(m: LoadedModel, n: int, max_rows: int) -> None:
+def _check_rows(n: int, max_rows: int) -> None:
     if n == 0:
         raise _bad("no rows to predict", hint="send at least one row")
     if n > max_rows:
@@ -439,7 +439,7 @@ def to_matrix(m: LoadedModel, rows: list, names: list[str], max_rows: int):
     """Rows of values in ``names`` order -> what the model takes, in signature order."""
     if not isinstance(rows, list):
         raise _bad(f"expected a list of rows, got {type(rows).__name__}")
-    _check_rows(m, len(rows), max_rows)
+    _check_rows(len(rows), max_rows)
     unknown = [] if names is m.features or names == m.features else [n for n in names if n not in m.index]
     if unknown:
         raise _bad(f"unknown feature '{unknown[0]}'", hint=_takes(m))
@@ -456,15 +456,11 @@ def to_matrix(m: LoadedModel, rows: list, names: list[str], max_rows: int):
         except ValueError:  # ragged
             raise _invalid(m, rows, names) from None
         if X.ndim != 2 or X.shape[1] != len(names) or X.dtype.kind not in "fiu":
-            if X.dtype.kind == "O" and m.allow_nan and X.ndim == 2 and X.shape[1] == len(names):
-                try:
-                    X = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
-                    if any(isinstance(v, (bool, str)) for row in rows for v in row):
-                        raise ValueError
-                except (TypeError, ValueError):
-                    raise _invalid(m, rows, names) from None
-            else:
-                raise _invalid(m, rows, names)
+            # slow path: name the offending field; only nulls for a NaN-tolerant model get through
+            err = _first_error(m, rows, names)
+            if err is not None or not m.allow_nan:
+                raise err or _bad("rows are not a table of numbers", hint="send one list of values per row")
+            X = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
         X = X.astype(np.float64, copy=False)
         if names != m.features:
             X = X[:, [names.index(f) for f in m.features]]
@@ -483,7 +479,7 @@ def to_matrix(m: LoadedModel, rows: list, names: list[str], max_rows: int):
     return frame
 
 
-def columns_to_rows(m: LoadedModel, columns: dict, max_rows: int):
+def columns_to_matrix(m: LoadedModel, columns: dict, max_rows: int):
     if not isinstance(columns, dict):
         raise _bad("expected an object mapping feature names to lists of values")
     names = list(columns)
@@ -500,7 +496,7 @@ def columns_to_rows(m: LoadedModel, columns: dict, max_rows: int):
 def records_to_matrix(m: LoadedModel, records: list, max_rows: int):
     if not isinstance(records, list):
         raise _bad(f"expected a list of records, got {type(records).__name__}")
-    _check_rows(m, len(records), max_rows)
+    _check_rows(len(records), max_rows)
     rows = []
     names = m.features
     fset = set(names)
@@ -552,7 +548,7 @@ def parse_invocations(m: LoadedModel, content_type: str, body: bytes, max_rows: 
     if keys[0] == "dataframe_records":
         return records_to_matrix(m, payload, max_rows)
     if isinstance(payload, dict):  # inputs/instances as columns
-        return columns_to_rows(m, dict(payload), max_rows)
+        return columns_to_matrix(m, dict(payload), max_rows)
     if isinstance(payload, list) and payload and isinstance(payload[0], dict):
         return records_to_matrix(m, payload, max_rows)
     return to_matrix(m, payload, m.features, max_rows)
@@ -642,7 +638,7 @@ def parse_infer(m: LoadedModel, body: bytes, header_length: str | None, max_rows
         if arr.ndim != 2 or arr.shape[1] != len(m.features):
             raise _bad(f"input '{name}' is not a feature name, so it must be a 2-D tensor [rows, {len(m.features)}]; "
                        f"got shape {list(arr.shape)}", hint=f"or send one tensor per feature: {', '.join(m.features[:5])}, ...")
-        _check_rows(m, arr.shape[0], max_rows)
+        _check_rows(arr.shape[0], max_rows)
         if m.numeric:
             if datatype == "BYTES":
                 raise _bad(f"input '{name}': BYTES given, this model takes numbers")
@@ -669,7 +665,7 @@ def parse_infer(m: LoadedModel, body: bytes, header_length: str | None, max_rows
     lengths = {len(a) for a in columns.values()}
     if len(lengths) != 1:
         raise _bad(f"inputs have different numbers of rows ({sorted(lengths)})")
-    _check_rows(m, lengths.pop(), max_rows)
+    _check_rows(lengths.pop(), max_rows)
     if m.numeric:
         X = np.column_stack([columns[f].astype(np.float64) for f in m.features])
         _finite_check(m, X)

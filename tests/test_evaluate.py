@@ -1,6 +1,5 @@
 """mlpipe evaluate: offline on a registered version, and live against a running server."""
 import json
-import shutil
 
 import pytest
 

@@ -205,6 +205,12 @@ def test_require_onnx_refuses_pickle_only_version(fleet, tmp_path):
     assert c.post("/invocations", json={"instances": [[1.0] * 30]}).status_code == 503
     ok = create_app({"model_dir": str(d)}).test_client()
     assert ok.get("/metadata").json["runtime"] == "sklearn"
+    # scikit-learn's trees take missing values: on the sklearn runtime a null is a NaN, not an error
+    row = [1.0] * 29 + [None]
+    r = ok.post("/invocations", json={"instances": [row]})
+    assert r.status_code == 200 and len(r.json["predictions"]) == 1
+    r = ok.post("/invocations", json={"instances": [[1.0] * 29 + ["x"]]})
+    assert r.status_code == 400 and "expected a number" in r.json["error"]
 
 
 def test_tampered_current_falls_back_to_last_good(fleet, tmp_path):
