@@ -216,9 +216,25 @@ class ModelSlot:
 
 
 # ----------------------------------------------------------------------------------------- metrics
+LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)
+VALUE_BUCKETS = (-1e3, -100, -10, -1, 0, 1, 10, 50, 100, 200, 300, 500, 1e3, 1e4)
+
+
+class _Pending:
+    """What a worker counted since its last write to the shared metric files."""
+
+    def __init__(self):
+        self.requests: dict = {}     # (endpoint, status) -> count
+        self.latency: dict = {}      # endpoint -> [seconds]
+        self.rows: dict = {}         # version -> count
+        self.classes: dict = {}      # (version, label) -> count
+        self.values: dict = {}       # version -> [predicted values]
+
+
 class _Metrics:
     """Prometheus metrics, batched: a multi-process write costs ~9 us, so each worker adds up its
-    counts in memory and writes them at most every FLUSH_SECONDS (and before every scrape)."""
+    counts in memory and a background thread writes them every FLUSH_SECONDS (and every scrape
+    flushes first). The thread starts with the first count, so it lives in the worker, after fork."""
 
     FLUSH_SECONDS = 0.5
 
@@ -232,19 +248,14 @@ class _Metrics:
         self.rows = Counter("mlpipe_predicted_rows", "Rows predicted", ["version"])
         self.classes = Counter("mlpipe_predictions", "Predicted labels (classifiers)", ["version", "label"])
         self.values = Histogram("mlpipe_prediction_value", "Predicted values (regressors)", ["version"],
-                                buckets=(-1e3, -100, -10, -1, 0, 1, 10, 50, 100, 200, 300, 500, 1e3, 1e4))
+                                buckets=VALUE_BUCKETS)
         self.info = Gauge("mlpipe_model_info", "The model version a worker serves (1)",
                           ["name", "version", "id", "runtime"], multiprocess_mode="livemax")
         self.ready = Gauge("mlpipe_model_ready", "1 when a model is loaded", multiprocess_mode="livemin")
         self.load_failures = Counter("mlpipe_model_load_failures", "Versions refused at load", ["version"])
         self._info_labels = None
         self._lock = threading.Lock()
-        self._pending_requests: dict = {}
-        self._pending_latency: dict = {}
-        self._pending_classes: dict = {}
-        self._pending_rows: dict = {}
-        self._pending_values: list = []
-        self._last_flush = time.monotonic()
+        self._pending = _Pending()
         self._timer = None
 
     def set_model(self, m: LoadedModel | None) -> None:
@@ -258,57 +269,46 @@ class _Metrics:
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         key = (endpoint, status)
         with self._lock:
-            self._pending_requests[key] = self._pending_requests.get(key, 0) + 1
-            self._pending_latency.setdefault(endpoint, []).append(seconds)
-        self._maybe_flush()
+            p = self._pending
+            p.requests[key] = p.requests.get(key, 0) + 1
+            p.latency.setdefault(endpoint, []).append(seconds)
+        if self._timer is None:
+            self._start_timer()
 
     def predictions(self, m: LoadedModel, labels) -> None:
         v = m.version_label
         with self._lock:
-            self._pending_rows[v] = self._pending_rows.get(v, 0) + len(labels)
+            p = self._pending
+            p.rows[v] = p.rows.get(v, 0) + len(labels)
             if m.kind == "classification":
                 for label in labels.tolist() if hasattr(labels, "tolist") else labels:
-                    key = (v, label)
-                    self._pending_classes[key] = self._pending_classes.get(key, 0) + 1
+                    p.classes[(v, label)] = p.classes.get((v, label), 0) + 1
             else:
-                self._pending_values.append((v, np.asarray(labels, dtype=np.float64).tolist()))
+                p.values.setdefault(v, []).extend(np.asarray(labels, dtype=np.float64).tolist())
 
-    def _maybe_flush(self) -> None:
-        if time.monotonic() - self._last_flush >= self.FLUSH_SECONDS:
-            self.flush()
-        elif self._timer is None:
-            import threading
+    def _start_timer(self) -> None:
+        import threading
 
-            def tick():
-                while True:
-                    time.sleep(self.FLUSH_SECONDS)
-                    self.flush()
-            self._timer = threading.Thread(target=tick, name="mlpipe-metrics-flush", daemon=True)
-            self._timer.start()
+        def tick():
+            while True:
+                time.sleep(self.FLUSH_SECONDS)
+                self.flush()
+        self._timer = threading.Thread(target=tick, name="mlpipe-metrics-flush", daemon=True)
+        self._timer.start()
 
     def flush(self) -> None:
         with self._lock:
-            reqs, self._pending_requests = self._pending_requests, {}
-            lat, self._pending_latency = self._pending_latency, {}
-            classes, self._pending_classes = self._pending_classes, {}
-            rows, self._pending_rows = self._pending_rows, {}
-            values, self._pending_values = self._pending_values, []
-            self._last_flush = time.monotonic()
-        for (endpoint, status), n in reqs.items():
+            p, self._pending = self._pending, _Pending()
+        for (endpoint, status), n in p.requests.items():
             self.requests.labels(endpoint, str(status)).inc(n)
-        for endpoint, obs in lat.items():
+        for endpoint, obs in p.latency.items():
             _observe_many(self.latency.labels(endpoint), obs, LATENCY_BUCKETS)
-        for v, n in rows.items():
+        for v, n in p.rows.items():
             self.rows.labels(v).inc(n)
-        for (v, label), n in classes.items():
+        for (v, label), n in p.classes.items():
             self.classes.labels(v, str(label)).inc(n)
-        for v, obs in values:
-            h = self.values.labels(v)
-            for x in obs:
-                h.observe(x)
-
-
-LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)
+        for v, obs in p.values.items():
+            _observe_many(self.values.labels(v), obs, VALUE_BUCKETS)
 
 
 def _observe_many(hist, observations: list, buckets: tuple) -> None:

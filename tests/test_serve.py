@@ -444,3 +444,32 @@ def test_plain_gunicorn_command_aggregates_metrics_over_workers(fleet, tmp_path,
             assert line and float(line[0].split()[-1]) == 60.0, line
     finally:
         stop(proc)
+
+
+def test_observe_many_matches_prometheus_observe():
+    """The batched histogram write (it uses prometheus-client internals) equals observe() one by one."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from mlpipe.serve import VALUE_BUCKETS, _observe_many
+    values = [-5000.0, -1.0, 0.0, 0.5, 1.0, 10.0, 49.9, 50.0, 299.0, 1e3, 1e5]
+    one, batched = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("v", "v", buckets=VALUE_BUCKETS, registry=one)
+    for x in values:
+        h1.observe(x)
+    _observe_many(Histogram("v", "v", buckets=VALUE_BUCKETS, registry=batched), values, VALUE_BUCKETS)
+    strip = lambda text: [line for line in text.decode().splitlines() if "_created" not in line]  # noqa: E731
+    assert strip(generate_latest(one)) == strip(generate_latest(batched))
+
+
+def test_regressor_prediction_histogram(tmp_path):
+    reg = tmp_path / "reg"
+    assert run_cli("train", EXAMPLES / "house-prices.yml", "--registry", reg).returncode == 0
+    Registry(str(reg)).pull("house-prices:1", tmp_path / "m")
+    hostdir.activate(tmp_path / "m", 1)
+    c = create_app({"model_dir": str(tmp_path / "m")}).test_client()
+    import pandas as pd
+    frame = pd.read_csv(EXAMPLES / "data" / "diabetes.csv").drop(columns=["target"]).head(7)
+    r = c.post("/invocations", json={"dataframe_records": frame.to_dict(orient="records")})
+    assert r.status_code == 200 and len(r.json["predictions"]) == 7
+    text = c.get("/metrics").data.decode()
+    count = [x for x in text.splitlines() if x.startswith('mlpipe_prediction_value_count{version="1"}')]
+    assert count and float(count[0].split()[-1]) >= 7
