@@ -21,6 +21,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -968,7 +969,6 @@ class Edge:
             return self._respond(sr, 500, {"error": "internal error; see the server log"})
 
     def _respond(self, sr, status: int, doc: dict, extra: list | None = None):
-        from http import HTTPStatus
         body = json.dumps(doc, default=_np_default).encode()
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         if self.slot.model is not None:

@@ -128,7 +128,7 @@ class Server:
             [sys.executable, "-m", "mlpipe", "serve", "--model-dir", str(model_dir), "--host", host,
              "--port", str(self.port), "--workers", str(workers), "--pidfile", str(self.pidfile)],
             env={**os.environ, **(env or {})}, stdout=self.log, stderr=self.log)
-        self.ready_after = self.wait_ready()
+        self.wait_ready()
 
     def wait_ready(self, timeout: float = 60) -> float:
         import requests

@@ -60,6 +60,11 @@ def test_a_site_and_deploy_v1(fleet):
     r = fleet.playbook("site.yml")
     assert r.returncode == 0, r.stdout[-3000:]
     assert "ansible_connection" not in r.stdout
+    # the playbooks really reach the hosts over SSH (sshd on their loopback addresses)
+    ssh = subprocess.run([str(shutil.which("ansible", path=fleet.env["PATH"])), "ms2", "-m", "ansible.builtin.command",
+                          "-a", "printenv SSH_CONNECTION"], cwd=str(EXAMPLES.parent), env=fleet.env, capture_output=True,
+                         text=True, timeout=120)
+    assert ssh.returncode == 0 and f"127.0.0.12 {fleet.ssh_port}" in ssh.stdout, ssh.stdout + ssh.stderr
     assert fleet.mlpipe("train", str(EXAMPLES / "credit-risk.yml"), "-m", "v1").returncode == 0
     assert fleet.mlpipe("models", "promote", "credit-risk:1", "--alias", "production").returncode == 0
     r = deploy(fleet, "@production")
