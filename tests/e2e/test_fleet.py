@@ -11,39 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import EXAMPLES, free_port, stop, wait_port, which
-from e2e.fleet import ADDRESSES, Fleet, Load, sshd_config
+from e2e.conftest import HOLDOUT
+from e2e.fleet import Load
 
 pytestmark = pytest.mark.e2e
-HOLDOUT = "holdout.csv"
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation folder
-    port = free_port()
-    conf = sshd_config(tmp, port)
-    sshd = subprocess.Popen([which("sshd"), "-D", "-e", "-f", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=open(tmp / "sshd.log", "wb"))
-    f = Fleet(tmp, port, free_port(), free_port())
-    try:
-        for a in ADDRESSES:
-            wait_port(a, port, sshd)
-        # data: a holdout the models never trained on, and the same data with shuffled labels
-        from sklearn.datasets import load_breast_cancer
-        frame = load_breast_cancer(as_frame=True).frame
-        f.root.mkdir(parents=True)
-        frame.sample(150, random_state=5).to_csv(f.root / HOLDOUT, index=False)
-        bad = frame.copy()
-        bad["target"] = np.random.default_rng(0).permutation(bad["target"].to_numpy())
-        bad.to_csv(f.root / "shuffled.csv", index=False)
-        cols = [c for c in frame.columns if c != "target"]
-        f.body = {"dataframe_split": {"columns": cols, "data": frame[cols].head(2).values.tolist()}}
-        yield f
-    finally:
-        f.down()
-        stop(sshd)
-        print(f"playbook log: {tmp / 'playbook.log'}")
 
 
 def deploy(fleet, version, *extra):
