@@ -49,6 +49,10 @@ class Store:
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
 
+    def get_verified(self, key: str, sha256: str) -> bytes:
+        """The bytes of an immutable artifact whose sha256 the caller knows (the caller checks it too)."""
+        return self.get(key)
+
     def get_json(self, key: str) -> dict:
         try:
             return json.loads(self.get(key))
@@ -206,7 +210,13 @@ class S3Store(Store):
 
 
 class CachedStore(Store):
-    """Read-through Redis cache for immutable keys (anything under ``/versions/``)."""
+    """Read-through Redis cache for artifact bytes, and nothing else.
+
+    Only :meth:`get_verified` touches Redis: the caller names the sha256 it expects (from the
+    manifest, which is always read from the backend), a cached copy that does not match it is
+    dropped and read again from the backend, and only bytes that match are cached. Plain
+    :meth:`get` (manifests, aliases, claims, events) always goes to the backend, so whoever can
+    write to Redis can slow a pull down but can never choose what it returns."""
 
     def __init__(self, inner: Store, redis_url: str, ttl: int = 7 * 24 * 3600):
         import redis
@@ -230,23 +240,41 @@ class CachedStore(Store):
 
     @staticmethod
     def cacheable(key: str) -> bool:
-        return "/versions/" in key
+        return "/versions/" in key and not key.endswith("/" + artifact.MANIFEST)
 
     def get(self, key: str) -> bytes:
+        return self.inner.get(key)
+
+    def get_verified(self, key: str, sha256: str) -> bytes:
         import redis
-        if self.cacheable(key) and not self._dead:
+        if not self.cacheable(key):
+            return self.inner.get(key)
+        if not self._dead:
             try:
                 hit = self.redis.get(self._ck(key))
-                if hit is not None:
-                    self.hits += 1
-                    return hit
             except redis.RedisError as exc:
                 self._warn(exc)
+                hit = None
+            if hit is not None:
+                if artifact.sha256_bytes(hit) == sha256:
+                    self.hits += 1
+                    return hit
+                log.warning("Redis cache entry for %s/%s does not match its manifest (sha256 %s…, expected %s…); "
+                            "dropping it and reading the backend", self.inner.url, key,
+                            artifact.sha256_bytes(hit)[:12], sha256[:12])
+                self._drop(key)
         data = self.inner.get(key)
         self.misses += 1
-        if self.cacheable(key) and not self._dead:
+        if not self._dead and artifact.sha256_bytes(data) == sha256:
             self._fill(key, data)
         return data
+
+    def _drop(self, key: str) -> None:
+        import redis
+        try:
+            self.redis.delete(self._ck(key))
+        except redis.RedisError as exc:
+            self._warn(exc)
 
     def _fill(self, key: str, data: bytes) -> None:
         import redis
@@ -265,13 +293,9 @@ class CachedStore(Store):
         return self.inner.list_dirs()
 
     def delete(self, key: str) -> None:
-        import redis
         self.inner.delete(key)
         if not self._dead:
-            try:
-                self.redis.delete(self._ck(key))
-            except redis.RedisError as exc:
-                self._warn(exc)
+            self._drop(key)
 
 
 def open_store(url: str | None = None, cache: str | None = None) -> Store:
@@ -342,6 +366,7 @@ class Registry:
         return versions
 
     def manifest(self, name: str, version: int) -> dict:
+        """A version's manifest, always read from the backend (never from a cache)."""
         try:
             return self.store.get_json(f"{name}/versions/{version}/{artifact.MANIFEST}")
         except KeyError:
@@ -476,7 +501,7 @@ class Registry:
         blobs = {}
         for fname, meta in manifest["files"].items():
             try:
-                data = self.store.get(f"{name}/versions/{version}/{fname}")
+                data = self.store.get_verified(f"{name}/versions/{version}/{fname}", meta["sha256"])
             except KeyError:
                 raise IntegrityError(f"{name}:{version} is missing {fname} in {self.url}") from None
             digest = artifact.sha256_bytes(data)

@@ -178,15 +178,18 @@ def test_missing_bucket(moto_endpoint, monkeypatch):
 
 
 @pytest.mark.integration
-def test_redis_cache_serves_immutable_keys(redis_url, built, tmp_path):
+def test_redis_cache_serves_artifact_bytes_only(redis_url, built, tmp_path):
+    import redis
     reg = Registry(str(tmp_path / "reg"), cache=redis_url)
     assert isinstance(reg.store, CachedStore)
-    reg.register(built)
+    m = reg.register(built)
     reg.pull("hello-world:1", tmp_path / "a")
     misses = reg.store.misses
     reg.store.hits = 0
     reg.pull("hello-world:1", tmp_path / "b")
-    assert reg.store.misses == misses and reg.store.hits >= 2  # manifest + files from Redis
+    assert reg.store.misses == misses and reg.store.hits == len(m["files"])  # every file from Redis
+    r = redis.Redis.from_url(redis_url)
+    assert r.get(reg.store._ck("hello-world/versions/1/manifest.json")) is None  # manifests: backend only
     # aliases are mutable: never cached
     reg.promote("hello-world:1", "production")
     reg.register(built)
@@ -195,16 +198,27 @@ def test_redis_cache_serves_immutable_keys(redis_url, built, tmp_path):
 
 
 @pytest.mark.integration
-def test_redis_cache_hit_is_still_verified(redis_url, built, tmp_path):
-    """A poisoned cache entry cannot get past the sha256 check."""
+def test_redis_cache_hit_is_still_verified(redis_url, built, tmp_path, caplog):
+    """A poisoned cache entry is never used and does not break the pull: it is dropped, the bytes
+    come from the backend (and are cached again), with a warning."""
     import redis
     reg = Registry(str(tmp_path / "reg"), cache=redis_url)
-    reg.register(built)
+    m = reg.register(built)
     reg.pull("hello-world:1", tmp_path / "a")
     r = redis.Redis.from_url(redis_url)
-    r.set(reg.store._ck("hello-world/versions/1/model.joblib"), b"evil")
-    with pytest.raises(IntegrityError):
-        reg.pull("hello-world:1", tmp_path / "b")
+    ck = reg.store._ck("hello-world/versions/1/model.joblib")
+    r.set(ck, b"evil")
+    with caplog.at_level("WARNING", logger="mlpipe.registry"):
+        path, _, _ = reg.pull("hello-world:1", tmp_path / "b")
+    assert artifact.sha256_file(path / "model.joblib") == m["files"]["model.joblib"]["sha256"]
+    assert "does not match its manifest" in caplog.text
+    assert artifact.sha256_bytes(r.get(ck)) == m["files"]["model.joblib"]["sha256"]
+    # a backend that is itself tampered with is still refused, cache or not
+    reg.store.inner.put("hello-world/versions/1/model.joblib", b"evil")
+    r.set(ck, b"evil")
+    with pytest.raises(IntegrityError, match="does not match its manifest"):
+        reg.pull("hello-world:1", tmp_path / "c")
+    assert r.get(ck) is None  # bad bytes are never cached
 
 
 def test_dead_redis_costs_only_speed(built, tmp_path, caplog):
@@ -221,3 +235,41 @@ def test_unsupported_urls():
         open_store("ftp://x")
     with pytest.raises(UsageError, match="unsupported cache URL"):
         open_store("/tmp/x", "memcached://x")
+
+
+# ----------------------------------------------------------------------------- security boundaries
+def _evil_pair(built, tmp_path) -> tuple[bytes, bytes]:
+    """A consistent poisoned pair: a different model and a manifest that lists its hashes."""
+    from sklearn.dummy import DummyClassifier
+    genuine = artifact.read_manifest(built)
+    evil_dir = tmp_path / "evil"
+    artifact.write_dir(evil_dir, DummyClassifier().fit([[0], [1]], [0, 1]),
+                       {k: v for k, v in genuine.items() if k not in ("files", "id")} | {"version": 1})
+    return (evil_dir / artifact.MANIFEST).read_bytes(), (evil_dir / artifact.MODEL_FILE).read_bytes()
+
+
+@pytest.mark.integration
+def test_poisoned_cache_manifest_and_model_are_never_loaded(redis_url, built, tmp_path, caplog):
+    """Redis holds a different model AND a manifest whose sha256 matches it: the pull must still
+    come back with the genuine model, because the manifest is only ever read from the backend."""
+    import redis
+    reg = Registry(str(tmp_path / "reg"), cache=redis_url)
+    genuine = reg.register(built)
+    reg.pull("hello-world:1", tmp_path / "warm")  # fill the cache the normal way
+    evil_manifest, evil_model = _evil_pair(built, tmp_path)
+    r = redis.Redis.from_url(redis_url)
+    r.set(reg.store._ck("hello-world/versions/1/manifest.json"), evil_manifest)
+    r.set(reg.store._ck("hello-world/versions/1/model.joblib"), evil_model)
+
+    fresh = Registry(str(tmp_path / "reg"), cache=redis_url)
+    assert fresh.manifest("hello-world", 1)["files"] == genuine["files"]
+    with caplog.at_level("WARNING", logger="mlpipe.registry"):
+        path, manifest, _ = fresh.pull("hello-world:1", tmp_path / "srv")
+    assert manifest["files"] == genuine["files"]
+    assert (path / "model.joblib").read_bytes() != evil_model
+    assert artifact.sha256_file(path / "model.joblib") == genuine["files"]["model.joblib"]["sha256"]
+    model, _ = artifact.load_model(path)
+    assert type(model).__name__ == "Pipeline"  # the genuine one, not the DummyClassifier
+    assert any("does not match" in rec.getMessage() for rec in caplog.records)
+    # the poisoned bytes were dropped from the cache (and replaced by the genuine ones)
+    assert r.get(fresh.store._ck("hello-world/versions/1/model.joblib")) != evil_model
