@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -17,10 +19,15 @@ from typing import Any
 
 from mlpipe.errors import IntegrityError, NotFound
 
+log = logging.getLogger("mlpipe.artifact")
+
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.joblib"
 ONNX_FILE = "model.onnx"
 SCHEMA = 1
+# what a manifest may list: a plain file name in the version folder, never a path
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 # pandas/numpy dtype -> Open Inference Protocol datatype
 _OIP = {"float64": "FP64", "float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32",
@@ -70,9 +77,32 @@ def content_id(name: str, files: dict, created: str) -> str:
     return h.hexdigest()[:8]
 
 
+def check_file_name(fname: Any, where: str) -> str:
+    """A file name a manifest may list: plain (no ``/``, no ``..``), not the manifest itself."""
+    if not isinstance(fname, str) or not FILE_NAME_RE.match(fname) or ".." in fname or fname == MANIFEST:
+        raise IntegrityError(f"{where} lists the file {fname!r}, which is not a plain file name",
+                             hint="a version's files are plain names like model.joblib; refusing to read or write it")
+    return fname
+
+
+def check_files(manifest: dict, where: str) -> dict:
+    """The manifest's ``files`` after checking every name and sha256 (before any is read or written)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise IntegrityError(f"{where} has no 'files' table", hint="the artifact is incomplete; pull or build it again")
+    for fname, meta in files.items():
+        check_file_name(fname, where)
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not SHA256_RE.match(meta["sha256"]):
+            raise IntegrityError(f"{where} lists {fname} without a valid sha256",
+                                 hint="the manifest is corrupted; pull or build it again")
+    return files
+
+
 def write_dir(dest: Path, model: Any, manifest: dict, extra_files: dict[str, bytes] | None = None) -> dict:
     """Write model + manifest into ``dest`` (a fresh folder); fill in files, id. Returns the manifest."""
     import joblib
+    for fname in extra_files or {}:
+        check_file_name(fname, f"the artifact for {dest}")
     dest.mkdir(parents=True, exist_ok=True)
     joblib.dump(model, dest / MODEL_FILE)
     files = {MODEL_FILE: {"sha256": sha256_file(dest / MODEL_FILE), "size": (dest / MODEL_FILE).stat().st_size}}
@@ -102,7 +132,7 @@ def verify_dir(directory: Path, manifest: dict | None = None, only: list[str] | 
     """Check every file the manifest lists (or just ``only``) against its sha256."""
     directory = Path(directory)
     manifest = manifest or read_manifest(directory)
-    files = manifest.get("files") or {}
+    files = check_files(manifest, f"the manifest in {directory}")
     if MODEL_FILE not in files:
         raise IntegrityError(f"manifest in {directory} lists no {MODEL_FILE}", hint="the artifact is incomplete; pull it again")
     for fname in only or list(files):

@@ -53,3 +53,23 @@ def test_missing_file_refused(built, tmp_path):
 def test_id_is_content_hash(built):
     m = artifact.read_manifest(built)
     assert m["id"] == artifact.content_id(m["name"], m["files"], m["created"])
+
+
+@pytest.mark.parametrize("fname", ["../evil", "../../etc/passwd", "/abs", "a/b", "..", ".hidden", "manifest.json", "x" * 200])
+def test_manifest_file_names_must_be_plain(built, tmp_path, fname):
+    import shutil
+    d = tmp_path / "t"
+    shutil.copytree(built, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"][fname] = {"sha256": "0" * 64, "size": 0}
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IntegrityError, match="not a plain file name"):
+        artifact.verify_dir(d)
+    with pytest.raises(IntegrityError, match="not a plain file name"):
+        artifact.load_model(d)
+
+
+def test_write_dir_refuses_a_path_as_file_name(tmp_path):
+    with pytest.raises(IntegrityError, match=r"'\.\./escape'"):
+        artifact.write_dir(tmp_path / "a" / "v", {"m": 1}, {"name": "x"}, {"../escape": b"x"})
+    assert not (tmp_path / "a" / "escape").exists()
