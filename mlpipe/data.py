@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +35,29 @@ class Dataset:
         return fingerprint(self.frame)
 
 
+def redact_source(uri: str) -> str:
+    """The source URI with any password masked (``sql:postgresql://u:***@h/db#query``): what
+    manifests, ledgers and messages show. Loading needs the real URI."""
+    if not isinstance(uri, str) or "://" not in uri:
+        return uri
+    if uri.startswith("sql:"):
+        url, sep, query = uri[len("sql:"):].partition("#")
+        try:
+            from sqlalchemy.engine import make_url
+            parsed = make_url(url)
+            safe = parsed.render_as_string(hide_password=True) if parsed.password is not None else url
+        except Exception:  # not a URL SQLAlchemy parses: mask user:password@ by hand
+            safe = re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+        return f"sql:{safe}{sep}{query}"
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", uri)
+
+
 def check_source_uri(uri: str) -> None:
     if not isinstance(uri, str) or not uri.startswith(SCHEMES):
-        raise DataError(f"unsupported data source {uri!r}",
+        raise DataError(f"unsupported data source {redact_source(uri)!r}",
                         hint="use sklearn:NAME, csv:PATH, parquet:PATH, s3://BUCKET/KEY.csv or sql:URL#QUERY")
     if uri.startswith("sql:") and "#" not in uri:
-        raise DataError(f"sql source {uri!r} has no query",
+        raise DataError(f"sql source {redact_source(uri)!r} has no query",
                         hint="write sql:sqlite:///path.db#SELECT * FROM table")
 
 
@@ -106,13 +124,15 @@ def _sql(uri: str) -> pd.DataFrame:
         with engine.connect() as conn:
             return pd.read_sql(sqlalchemy.text(query), conn)
     except Exception as exc:  # driver errors vary; keep the message, drop credentials
-        safe = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
+        safe = redact_source(f"sql:{url}")[len("sql:"):]
         raise DataError(f"cannot run query on {safe}: {str(exc).splitlines()[0]}",
                         hint="check the URL, the table and the query") from None
 
 
 def load(uri: str) -> Dataset:
+    """Read a source. The Dataset's ``source`` is the URI with any password masked."""
     check_source_uri(uri)
+    shown = redact_source(uri)
     try:
         if uri.startswith("sklearn:"):
             frame = _sklearn(uri[len("sklearn:"):])
@@ -127,12 +147,12 @@ def load(uri: str) -> Dataset:
     except DataError:
         raise
     except FileNotFoundError:
-        raise DataError(f"data file for {uri} not found", hint="check the path (relative paths are relative to the spec's folder)") from None
+        raise DataError(f"data file for {shown} not found", hint="check the path (relative paths are relative to the spec's folder)") from None
     except Exception as exc:
-        raise DataError(f"cannot read {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise DataError(f"cannot read {shown}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if frame.empty:
-        raise DataError(f"data source {uri} has no rows")
-    return Dataset(frame=frame, source=uri)
+        raise DataError(f"data source {shown} has no rows")
+    return Dataset(frame=frame, source=shown)
 
 
 def split_xy(ds: Dataset, target: str, features: list | None = None):

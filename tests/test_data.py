@@ -80,3 +80,12 @@ def test_s3_unreachable(monkeypatch):
     monkeypatch.setenv("MLPIPE_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(DataError, match="cannot reach S3"):
         data.load("s3://bucket/x.csv")
+
+
+def test_sql_password_never_in_messages_or_source():
+    assert data.redact_source("sql:postgresql://u:secret@h/db#select 1") == "sql:postgresql://u:***@h/db#select 1"
+    assert data.redact_source("sql:sqlite:////tmp/x.db#select 1") == "sql:sqlite:////tmp/x.db#select 1"
+    for uri in ("sql:postgresql://u:secret@h/db", "sql:postgresql://u:secret@127.0.0.1:1/db#select 1"):
+        with pytest.raises(DataError) as info:
+            data.load(uri)
+        assert "secret" not in str(info.value) and "u:***@" in str(info.value)
