@@ -66,7 +66,11 @@ class FileStore(Store):
         self.url = f"file://{self.root}"
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        path = Path(os.path.normpath(self.root / key))
+        if "\0" in key or (path != self.root and self.root not in path.parents):
+            raise UsageError(f"registry key {key!r} points outside the registry root {self.root}",
+                             hint="model names, versions, aliases and file names are plain names, never paths")
+        return path
 
     def get(self, key: str) -> bytes:
         try:
@@ -330,13 +334,42 @@ def whoami() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def check_name(name) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UsageError(f"{name!r} is not a valid model name",
+                         hint="model names are lowercase letters, digits and '-', starting with a letter or digit")
+    return name
+
+
+def check_alias(alias) -> str:
+    if not isinstance(alias, str) or not ALIAS_RE.match(alias):
+        raise UsageError(f"{alias!r} is not a valid alias",
+                         hint="use lowercase letters, digits, '-' or '_', starting with a letter")
+    return alias
+
+
+def check_version(version) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UsageError(f"{str(version)!r} is not a version number", hint="versions are whole numbers from 1")
+    return version
+
+
+_VERSION_DIR = re.compile(r"^[1-9][0-9]*$")
+
+
 def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
     m = REF_RE.match(ref or "")
     if not m:
         raise UsageError(f"'{ref}' is not a model reference",
                          hint="write NAME, NAME:VERSION (credit-risk:4) or NAME@ALIAS (credit-risk@production)")
     v = m.group("version")
-    return m.group("name"), (int(v) if v and v != "latest" else None), m.group("alias")
+    check_name(m.group("name"))
+    if m.group("alias"):
+        check_alias(m.group("alias"))
+    version = int(v) if v and v != "latest" else None
+    if version is not None:
+        check_version(version)
+    return m.group("name"), version, m.group("alias")
 
 
 class Registry:
@@ -349,10 +382,11 @@ class Registry:
         return [n for n in self.store.list_dirs() if NAME_RE.match(n) and self.versions(n)]
 
     def versions(self, name: str) -> list[int]:
+        check_name(name)
         out = []
         for key in self.store.list(f"{name}/versions/"):
             parts = key.split("/")
-            if len(parts) == 4 and parts[3] == artifact.MANIFEST and parts[2].isdigit():
+            if len(parts) == 4 and parts[3] == artifact.MANIFEST and _VERSION_DIR.match(parts[2]):
                 out.append(int(parts[2]))
         return sorted(out)
 
@@ -367,6 +401,8 @@ class Registry:
 
     def manifest(self, name: str, version: int) -> dict:
         """A version's manifest, always read from the backend (never from a cache)."""
+        check_name(name)
+        check_version(version)
         try:
             return self.store.get_json(f"{name}/versions/{version}/{artifact.MANIFEST}")
         except KeyError:
@@ -392,26 +428,32 @@ class Registry:
         return self.manifest(*self.resolve(ref))
 
     def alias(self, name: str, alias: str) -> dict | None:
+        check_name(name)
+        check_alias(alias)
         try:
             return self.store.get_json(f"{name}/aliases/{alias}.json")
         except KeyError:
             return None
 
     def aliases(self, name: str) -> dict[str, int]:
+        check_name(name)
         out = {}
         for key in self.store.list(f"{name}/aliases/"):
-            if key.endswith(".json"):
-                a = self.alias(name, key.rsplit("/", 1)[1][:-5])
+            alias = key.rsplit("/", 1)[1][:-5]
+            if key.endswith(".json") and ALIAS_RE.match(alias):
+                a = self.alias(name, alias)
                 if a is not None:
-                    out[key.rsplit("/", 1)[1][:-5]] = int(a["version"])
+                    out[alias] = int(a["version"])
         return dict(sorted(out.items()))
 
     def events(self, name: str) -> list[dict]:
+        check_name(name)
         keys = sorted(k for k in self.store.list(f"{name}/events/") if k.endswith(".json"))
         return [self.store.get_json(k) for k in keys]
 
     # -- writing
     def record(self, name: str, event: str, **fields) -> dict:
+        check_name(name)
         at = artifact.utcnow()
         entry = {"event": event, "model": name, "at": at, "by": whoami(), **fields}
         stamp = at.replace("-", "").replace(":", "")
@@ -420,7 +462,9 @@ class Registry:
         return entry
 
     def _claim(self, name: str) -> int:
-        taken = [int(k.rsplit("/", 1)[1]) for k in self.store.list(f"{name}/claims/") if k.rsplit("/", 1)[1].isdigit()]
+        check_name(name)
+        taken = [int(k.rsplit("/", 1)[1]) for k in self.store.list(f"{name}/claims/")
+                 if _VERSION_DIR.match(k.rsplit("/", 1)[1])]
         n = max(taken + self.versions(name) + [0]) + 1
         claim = json.dumps({"by": whoami(), "pid": os.getpid(), "at": artifact.utcnow()}).encode()
         for _ in range(1000):
@@ -434,8 +478,8 @@ class Registry:
     def register(self, workdir: Path, message: str | None = None) -> dict:
         """Upload an unregistered artifact folder as the next version. Returns its manifest."""
         workdir = Path(workdir)
-        manifest = artifact.verify_dir(workdir)
-        name = manifest["name"]
+        manifest = artifact.verify_dir(workdir)  # also checks every listed file name
+        name = check_name(manifest.get("name"))
         if message is not None:
             manifest["message"] = message
         n = self._claim(name)
@@ -463,8 +507,7 @@ class Registry:
         return manifest
 
     def promote(self, ref: str, alias: str, reason: str = "") -> dict:
-        if not ALIAS_RE.match(alias):
-            raise UsageError(f"'{alias}' is not a valid alias", hint="use lowercase letters, digits, '-' or '_', starting with a letter")
+        check_alias(alias)
         name, version = self.resolve(ref)
         self.manifest(name, version)  # must exist
         old = self.alias(name, alias)
@@ -480,6 +523,8 @@ class Registry:
         return entry
 
     def rollback(self, name: str, alias: str, reason: str = "") -> dict:
+        check_name(name)
+        check_alias(alias)
         old = self.alias(name, alias)
         if old is None:
             self.require_model(name)
@@ -488,7 +533,7 @@ class Registry:
         if not history:
             raise UsageError(f"alias {name}@{alias} has no earlier version to roll back to",
                              hint=f"it was only ever set to v{old['version']}; promote another version instead")
-        target = history.pop()
+        target = check_version(history.pop())
         entry = {"version": target, "set_at": artifact.utcnow(), "set_by": whoami(),
                  "reason": reason or f"rollback from v{old['version']}", "history": history}
         self.store.put(f"{name}/aliases/{alias}.json", json.dumps(entry, sort_keys=True).encode())
@@ -496,10 +541,16 @@ class Registry:
         return entry
 
     def fetch(self, name: str, version: int) -> tuple[dict, dict[str, bytes]]:
-        """Read a version's files and verify them in memory against the manifest."""
+        """Read a version's files and verify them in memory against the manifest (read from the
+        backend, never from a cache; a cache only ever supplies bytes that match it)."""
         manifest = self.manifest(name, version)
+        where = f"the manifest of {name}:{version} in {self.url}"
+        if manifest.get("name") != name or manifest.get("version") != version:
+            raise IntegrityError(f"{where} names {manifest.get('name')!r} version {manifest.get('version')!r}",
+                                 hint="the registry was tampered with or corrupted; it will not be loaded")
+        files = artifact.check_files(manifest, where)
         blobs = {}
-        for fname, meta in manifest["files"].items():
+        for fname, meta in files.items():
             try:
                 data = self.store.get_verified(f"{name}/versions/{version}/{fname}", meta["sha256"])
             except KeyError:
@@ -516,12 +567,15 @@ class Registry:
     def pull(self, ref: str, dest: str | Path) -> tuple[Path, dict, bool]:
         """Copy a verified version into ``dest/<N>/``. Returns (path, manifest, changed)."""
         name, version = self.resolve(ref)
+        check_name(name)
+        check_version(version)
         dest = Path(dest)
         final = dest / str(version)
         if final.is_dir():
             try:
                 manifest = artifact.verify_dir(final)
-                if manifest.get("id") == self.manifest(name, version).get("id"):
+                remote = self.manifest(name, version)
+                if (manifest.get("id"), manifest.get("files")) == (remote.get("id"), remote.get("files")):
                     return final, manifest, False
             except (IntegrityError, NotFound):
                 pass

@@ -273,3 +273,85 @@ def test_poisoned_cache_manifest_and_model_are_never_loaded(redis_url, built, tm
     assert any("does not match" in rec.getMessage() for rec in caplog.records)
     # the poisoned bytes were dropped from the cache (and replaced by the genuine ones)
     assert r.get(fresh.store._ck("hello-world/versions/1/model.joblib")) != evil_model
+
+
+@pytest.mark.integration
+def test_manifest_listing_a_path_cannot_write_outside_dest(reg, built, tmp_path):
+    reg.register(built)
+    evil = reg.manifest("hello-world", 1) | {"version": 2}
+    evil["files"] = dict(evil["files"], **{"../../evil": {"sha256": artifact.sha256_bytes(b"pwned"), "size": 5}})
+    for fname in reg.manifest("hello-world", 1)["files"]:
+        reg.store.put(f"hello-world/versions/2/{fname}", reg.store.get(f"hello-world/versions/1/{fname}"))
+    reg.store.put("hello-world/versions/2/../../evil", b"pwned")
+    reg.store.put("hello-world/versions/2/manifest.json", json.dumps(evil).encode())
+    dest = tmp_path / "out" / "dest"
+    with pytest.raises(IntegrityError, match=r"'\.\./\.\./evil'"):
+        reg.pull("hello-world:2", dest)
+    assert not (tmp_path / "out" / "evil").exists() and not (dest / "evil").exists()
+    assert all((tmp_path / "reg") in p.parents for p in tmp_path.rglob("evil"))  # only the planted file
+
+
+def test_register_refuses_a_manifest_listing_a_path(built, tmp_path):
+    import shutil
+    work = tmp_path / "w"
+    shutil.copytree(built, work)
+    (tmp_path / "evil").write_bytes(b"pwned")
+    m = artifact.read_manifest(work)
+    m["files"]["../evil"] = {"sha256": artifact.sha256_bytes(b"pwned"), "size": 5}
+    (work / artifact.MANIFEST).write_text(json.dumps(m))
+    reg = Registry(str(tmp_path / "reg"))
+    with pytest.raises(IntegrityError, match=r"'\.\./evil'"):
+        reg.register(work)
+    assert reg.models() == [] and not list((tmp_path / "reg").rglob("evil"))
+
+
+@pytest.mark.parametrize("call, bad", [
+    (lambda r: r.manifest("../x", 1), "../x"),
+    (lambda r: r.manifest("hello-world", 0), "0"),
+    (lambda r: r.manifest("hello-world", "1/../../x"), "1/../../x"),
+    (lambda r: r.fetch("Hello/../x", 1), "Hello/../x"),
+    (lambda r: r.versions("../.."), "../.."),
+    (lambda r: r.alias("hello-world", "../../x"), "../../x"),
+    (lambda r: r.promote("hello-world:1", "../x"), "../x"),
+    (lambda r: r.rollback("../x", "production"), "../x"),
+    (lambda r: r.rollback("hello-world", "Prod/../x"), "Prod/../x"),
+    (lambda r: r.record("../x", "deployed", version=1), "../x"),
+    (lambda r: r.events("../x"), "../x"),
+    (lambda r: r.aliases("a/b"), "a/b"),
+])
+def test_registry_refuses_bad_names_aliases_and_versions(tmp_path, call, bad):
+    reg = Registry(str(tmp_path / "reg"))
+    with pytest.raises(UsageError) as info:
+        call(reg)
+    assert repr(bad) in str(info.value) or f"'{bad}'" in str(info.value)
+    assert not (tmp_path / "x").exists()
+
+
+def test_register_refuses_a_bad_model_name(built, tmp_path):
+    import shutil
+    work = tmp_path / "w"
+    shutil.copytree(built, work)
+    m = artifact.read_manifest(work)
+    m["name"] = "../escape"
+    (work / artifact.MANIFEST).write_text(json.dumps(m))
+    reg = Registry(str(tmp_path / "reg"))
+    with pytest.raises(UsageError, match=r"'\.\./escape'"):
+        reg.register(work)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_filestore_refuses_keys_outside_its_root(tmp_path):
+    store = FileStore(tmp_path / "root")
+    (tmp_path / "secret").write_bytes(b"s")
+    for key in ("../secret", "a/../../secret", str(tmp_path / "secret")):
+        with pytest.raises(UsageError, match="outside"):
+            store.get(key)
+        with pytest.raises(UsageError, match="outside"):
+            store.put(key, b"x")
+        with pytest.raises(UsageError, match="outside"):
+            store.delete(key)
+        with pytest.raises(UsageError, match="outside"):
+            store.list(key)
+    assert (tmp_path / "secret").read_bytes() == b"s"
+    store.put("m/versions/1/model.joblib", b"ok")  # ordinary keys still work
+    assert store.get("m/versions/1/model.joblib") == b"ok"
