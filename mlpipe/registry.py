@@ -357,6 +357,18 @@ def check_version(version) -> int:
 _VERSION_DIR = re.compile(r"^[1-9][0-9]*$")
 
 
+def mask_source(manifest: dict) -> dict:
+    """The manifest with credentials masked in its data source (``data.source`` and the spec's)."""
+    from mlpipe.data import redact_source
+    manifest = dict(manifest)
+    if isinstance(manifest.get("data"), dict) and isinstance(manifest["data"].get("source"), str):
+        manifest["data"] = dict(manifest["data"], source=redact_source(manifest["data"]["source"]))
+    spec = manifest.get("spec")
+    if isinstance(spec, dict) and isinstance(spec.get("data"), dict) and isinstance(spec["data"].get("source"), str):
+        manifest["spec"] = dict(spec, data=dict(spec["data"], source=redact_source(spec["data"]["source"])))
+    return manifest
+
+
 def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
     m = REF_RE.match(ref or "")
     if not m:
@@ -480,6 +492,7 @@ class Registry:
         workdir = Path(workdir)
         manifest = artifact.verify_dir(workdir)  # also checks every listed file name
         name = check_name(manifest.get("name"))
+        manifest = mask_source(manifest)  # a sql: URL's password never reaches the registry
         if message is not None:
             manifest["message"] = message
         n = self._claim(name)

@@ -355,3 +355,24 @@ def test_filestore_refuses_keys_outside_its_root(tmp_path):
     assert (tmp_path / "secret").read_bytes() == b"s"
     store.put("m/versions/1/model.joblib", b"ok")  # ordinary keys still work
     assert store.get("m/versions/1/model.joblib") == b"ok"
+
+
+def test_sql_password_is_never_stored(tmp_path):
+    from sklearn.dummy import DummyClassifier
+    source = "sql:postgresql://u:secret@h/db#select 1"
+    manifest = {"name": "sql-model", "message": "", "metrics": {"accuracy": 1.0},
+                "data": {"source": source, "fingerprint": "0" * 64, "rows": 2, "target": "y"},
+                "spec": {"name": "sql-model", "data": {"source": source, "target": "y"}},
+                "library_versions": artifact.library_versions()}
+    work = tmp_path / "w"
+    artifact.write_dir(work, DummyClassifier().fit([[0], [1]], [0, 1]), manifest)
+    reg = Registry(str(tmp_path / "reg"))
+    m = reg.register(work, message="from postgres")
+    assert "secret" not in json.dumps(m)
+    stored = reg.manifest("sql-model", 1)
+    assert stored["data"]["source"] == "sql:postgresql://u:***@h/db#select 1"
+    assert stored["spec"]["data"]["source"] == "sql:postgresql://u:***@h/db#select 1"
+    assert "secret" not in json.dumps(reg.events("sql-model"))
+    for f in (tmp_path / "reg").rglob("*"):
+        if f.is_file():
+            assert b"secret" not in f.read_bytes(), f
