@@ -50,7 +50,12 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "auth_tokens":
         if isinstance(value, str):
             return [t.strip() for t in value.split(",") if t.strip()]
-        return [str(t) for t in (value or [])]
+        tokens = [str(t).strip() for t in (value or [])]
+        if "" in tokens or any(any(c.isspace() for c in t) for t in tokens):
+            raise UsageError("serve setting 'auth_tokens' has an empty token or one with whitespace",
+                             hint="every token must be a non-empty string without spaces (an empty one would let "
+                                  "requests without a token in)")
+        return tokens
     if key in ("workers", "max_rows", "max_body_bytes", "timeout"):
         try:
             return int(value)
@@ -977,11 +982,12 @@ class Edge:
         return [body]
 
     def _authorized(self, header: str) -> bool:
-        given = header[7:].encode() if header.startswith("Bearer ") else b""
+        scheme, _, credentials = header.strip().partition(" ")
+        given = credentials.strip().encode() if scheme.lower() == "bearer" else b""  # RFC 7235: any case
         ok = False
         for t in self.tokens:  # compare with every token: the time does not depend on which one matched
             ok |= hmac.compare_digest(given, t)
-        return ok
+        return ok and bool(given)
 
 
 def _np_default(o):

@@ -182,6 +182,25 @@ def test_auth(fleet, caplog):
     assert "s3cret" not in caplog.text
 
 
+def test_bearer_scheme_is_case_insensitive(fleet):
+    """RFC 7235: the auth scheme is case-insensitive; the token itself is not."""
+    c = create_app({"model_dir": str(fleet["dir"]), "auth_tokens": ["s3cret-token"]}).test_client()
+    body = {"instances": [[1.0] * 30]}
+    for header in ("Bearer s3cret-token", "bearer s3cret-token", "BEARER s3cret-token", "bEaReR  s3cret-token"):
+        assert c.post("/invocations", json=body, headers={"Authorization": header}).status_code == 200, header
+        assert c.get("/metadata", headers={"Authorization": header}).status_code == 200, header
+    for header in ("Bearer S3CRET-TOKEN", "Basic s3cret-token", "Bearers3cret-token", "s3cret-token", "Bearer",
+                   "Bearer s3cret-token extra"):
+        assert c.post("/invocations", json=body, headers={"Authorization": header}).status_code == 401, header
+
+
+def test_an_empty_auth_token_is_refused(fleet):
+    """An empty token in the list would let every request without a token in."""
+    from mlpipe.errors import UsageError
+    with pytest.raises(UsageError, match="empty"):
+        create_app({"model_dir": str(fleet["dir"]), "auth_tokens": ["s3cret-token", ""]})
+
+
 def test_metrics_count_requests_and_predictions(client, data):
     frame, cols = data
     client.post("/invocations", json={"instances": frame[cols].head(10).values.tolist()})
