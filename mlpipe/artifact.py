@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mlpipe.errors import IntegrityError, NotFound
+from mlpipe.errors import IntegrityError, LibraryMismatch, NotFound
 
 log = logging.getLogger("mlpipe.artifact")
 
@@ -25,6 +25,7 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.joblib"
 ONNX_FILE = "model.onnx"
 SCHEMA = 1
+SKEW_ENV = "MLPIPE_ALLOW_SKLEARN_SKEW"
 # what a manifest may list: a plain file name in the version folder, never a path
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -150,10 +151,45 @@ def verify_dir(directory: Path, manifest: dict | None = None, only: list[str] | 
     return manifest
 
 
+def _major_minor(version) -> tuple[int, int] | None:
+    m = re.match(r"^(\d+)\.(\d+)", str(version or ""))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def sklearn_skew(manifest: dict) -> tuple[str, str] | None:
+    """(trained, installed) scikit-learn versions when their major.minor differ, else None.
+    Patch releases keep pickles compatible; minor releases may not (scikit-learn only promises
+    that a pickle loads in the version that wrote it)."""
+    import sklearn
+    trained = (manifest.get("library_versions") or {}).get("scikit-learn")
+    t, i = _major_minor(trained), _major_minor(sklearn.__version__)
+    if t is None or i is None or t == i:
+        return None
+    return str(trained), sklearn.__version__
+
+
+def check_sklearn(manifest: dict, where: str) -> None:
+    """Refuse to unpickle a version trained with another scikit-learn major.minor, unless
+    ``MLPIPE_ALLOW_SKLEARN_SKEW=1`` (then load it with a warning)."""
+    skew = sklearn_skew(manifest)
+    if skew is None:
+        return
+    trained, installed = skew
+    want = "{}.{}".format(*_major_minor(trained))
+    if os.environ.get(SKEW_ENV, "").lower() in ("1", "true", "yes", "on"):
+        log.warning("%s was trained with scikit-learn %s and this host has %s; loading it anyway (%s is set)",
+                    where, trained, installed, SKEW_ENV)
+        return
+    raise LibraryMismatch(f"{where} was trained with scikit-learn {trained} and this host has scikit-learn {installed}; "
+                          "refusing to unpickle it",
+                          hint=f"install scikit-learn=={want}.* on this host, or retrain; set {SKEW_ENV}=1 to load anyway")
+
+
 def load_model(directory: Path, manifest: dict | None = None):
-    """Verify, then unpickle. Returns (model, manifest)."""
+    """Verify, check the scikit-learn version, then unpickle. Returns (model, manifest)."""
     import joblib
     manifest = verify_dir(directory, manifest, only=[MODEL_FILE])
+    check_sklearn(manifest, f"{manifest.get('name')}:{manifest.get('version')} in {directory}")
     return joblib.load(Path(directory) / MODEL_FILE), manifest
 
 

@@ -6,6 +6,7 @@
     ├── DataError                   exit 4 / 400   a data source cannot be read or lacks a column
     ├── NotFound                    exit 5 / 404   unknown model, version or alias
     ├── IntegrityError              exit 6 / 409   an artifact whose sha256 does not match
+    ├── LibraryMismatch             exit 9 / 409   a version trained with another scikit-learn major.minor
     ├── RegistryError               exit 7 / 503   the registry backend failed or is unreachable
     │   └── Conflict                exit 7 / 409   a key already exists (lost an allocation race)
     ├── ValidationError             exit 3 / 400   a request's inputs do not fit the model signature
@@ -55,6 +56,11 @@ class NotFound(MlpipeError):
 
 class IntegrityError(MlpipeError):
     exit_code = 6
+    http_status = 409
+
+
+class LibraryMismatch(MlpipeError):
+    exit_code = 9
     http_status = 409
 
 

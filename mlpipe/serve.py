@@ -139,11 +139,15 @@ class LoadedModel:
             m._outputs = [o.name for o in m._sess.get_outputs()]
             m._run = m._sess._sess.run if hasattr(m._sess, "_sess") else None  # skips per-call Python checks
             m.allow_nan = False  # the ONNX agreement check covered finite inputs only
+            skew = artifact.sklearn_skew(manifest)
+            if skew:
+                log.info("version %s at %s was trained with scikit-learn %s (this host has %s); served through "
+                         "ONNX Runtime, which does not depend on scikit-learn", manifest.get("version"), path, *skew)
         elif require_onnx:
             raise IntegrityError(f"version {manifest.get('version')} at {path} has no model.onnx and this server "
                                  "refuses to unpickle (require_onnx)", hint="register a model skl2onnx can convert, or turn require_onnx off")
         else:
-            model, manifest = artifact.load_model(path, manifest)
+            model, manifest = artifact.load_model(path, manifest)  # refuses a scikit-learn major.minor skew
             m = cls(manifest, "sklearn", path)
             m._model = model
         m.warm()

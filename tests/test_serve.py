@@ -232,6 +232,76 @@ def test_require_onnx_refuses_pickle_only_version(fleet, tmp_path):
     assert r.status_code == 400 and "expected a number" in r.json["error"]
 
 
+def test_require_onnx_never_unpickles(fleet, tmp_path, monkeypatch):
+    """A version without model.onnx is refused under require_onnx before joblib.load is reached."""
+    import joblib
+    from mlpipe.errors import IntegrityError
+    from mlpipe.serve import LoadedModel
+    calls = []
+
+    def spy(*a, **k):
+        calls.append(a)
+        raise AssertionError("joblib.load called")
+    monkeypatch.setattr(joblib, "load", spy)
+    assert "model.onnx" not in json.loads((fleet["dir"] / "3" / "manifest.json").read_text())["files"]
+    with pytest.raises(IntegrityError, match="refuses to unpickle"):
+        LoadedModel.load(fleet["dir"] / "3", require_onnx=True)
+    d = tmp_path / "m"
+    shutil.copytree(fleet["dir"], d, symlinks=True)
+    hostdir.activate(d, 3)
+    (d / ".last-good").unlink(missing_ok=True)
+    os.unlink(d / "previous")
+    c = create_app({"model_dir": str(d), "require_onnx": True}).test_client()
+    assert c.get("/v2/health/ready").status_code == 503
+    assert calls == []
+    with pytest.raises(AssertionError, match="joblib.load called"):  # the spy sits where an unpickle would go
+        LoadedModel.load(fleet["dir"] / "3", require_onnx=False)
+    assert len(calls) == 1
+
+
+def _skewed_copy(fleet, tmp_path, versions):
+    """The model dir with the manifests of ``versions`` saying another scikit-learn minor trained them."""
+    import sklearn
+    major, minor = (int(x) for x in sklearn.__version__.split(".")[:2])
+    other = f"{major}.{minor + 1}.0"
+    d = tmp_path / "m"
+    shutil.copytree(fleet["dir"], d, symlinks=True)
+    for v in versions:
+        p = d / str(v) / "manifest.json"
+        m = json.loads(p.read_text())
+        m["library_versions"]["scikit-learn"] = other
+        p.write_text(json.dumps(m))
+    (d / ".last-good").unlink(missing_ok=True)
+    (d / "previous").unlink(missing_ok=True)
+    return d, other
+
+
+def test_sklearn_skew_refused_by_the_server_unless_allowed(fleet, tmp_path, monkeypatch, caplog):
+    import sklearn
+    monkeypatch.delenv("MLPIPE_ALLOW_SKLEARN_SKEW", raising=False)
+    d, other = _skewed_copy(fleet, tmp_path, [1, 3])
+    hostdir.activate(d, 3)  # pickle only
+    (d / "previous").unlink(missing_ok=True)
+    c = create_app({"model_dir": str(d)}).test_client()
+    r = c.get("/v2/health/ready")
+    assert r.status_code == 503
+    assert other in r.json["error"] and sklearn.__version__ in r.json["error"] and "MLPIPE_ALLOW_SKLEARN_SKEW" in r.json["error"]
+    monkeypatch.setenv("MLPIPE_ALLOW_SKLEARN_SKEW", "1")
+    with caplog.at_level("WARNING"):
+        c = create_app({"model_dir": str(d)}).test_client()
+    assert c.get("/metadata").json["runtime"] == "sklearn"
+    assert other in caplog.text
+    # the ONNX path does not depend on scikit-learn: it loads (with a log note) without the override
+    monkeypatch.delenv("MLPIPE_ALLOW_SKLEARN_SKEW")
+    hostdir.activate(d, 1)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mlpipe.serve"):
+        c = create_app({"model_dir": str(d)}).test_client()
+    meta = c.get("/metadata").json
+    assert meta["version"] == 1 and meta["runtime"] == "onnxruntime"
+    assert other in caplog.text
+
+
 def test_tampered_current_falls_back_to_last_good(fleet, tmp_path):
     d = tmp_path / "m"
     shutil.copytree(fleet["dir"], d, symlinks=True)
