@@ -236,7 +236,7 @@ def models_rollback(name, alias, reason, as_json, registry, cache):
     _emit(entry, as_json, f"{name}@{alias} -> v{entry['version']}")
 
 
-LEDGER_EVENTS = ("deployed", "deploy_failed", "host_rolled_back", "fleet_rolled_back", "note")
+LEDGER_EVENTS = ("deployed", "deploy_failed", "host_rolled_back", "host_disabled", "rollback_failed", "note")
 
 
 @models.command("record")
@@ -412,6 +412,11 @@ def reload(pidfile):
     except (ValueError, ProcessLookupError):
         raise NotReady(f"no server is running with the pid in {pidfile}", hint="start it with mlpipe serve --pidfile") from None
     click.echo(f"reload signalled to {pid}")
+
+
+from mlpipe.cli_fleet import fleet  # noqa: E402  (registers on the group above)
+
+cli.add_command(fleet)
 
 
 def main(argv=None) -> None:

@@ -9,6 +9,7 @@
     ├── LibraryMismatch             exit 9 / 409   a version trained with another scikit-learn major.minor
     ├── RegistryError               exit 7 / 503   the registry backend failed or is unreachable
     │   └── Conflict                exit 7 / 409   a key already exists (lost an allocation race)
+    ├── Locked                      exit 8 / 423   another deploy or rollback of the model holds its lock
     ├── ValidationError             exit 3 / 400   a request's inputs do not fit the model signature
     │   ├── PayloadTooLarge         exit 3 / 413
     │   └── UnsupportedMediaType    exit 3 / 415
@@ -71,6 +72,11 @@ class RegistryError(MlpipeError):
 
 class Conflict(RegistryError):
     http_status = 409
+
+
+class Locked(MlpipeError):
+    exit_code = 8
+    http_status = 423
 
 
 class ValidationError(MlpipeError):
