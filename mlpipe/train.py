@@ -1,13 +1,18 @@
 """Build the estimator a spec names, split deterministically, fit, score, and write an artifact."""
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
-
 
 from mlpipe import artifact, data
 from mlpipe.errors import DataError, SpecError
 from mlpipe.spec import Spec, import_object
+
+HOLDOUT_FILE = "holdout.parquet"
+HOLDOUT_MAX_ROWS = 50_000   # a bigger evaluation set is sampled down to this (deterministically)
+HOLDOUT_SAMPLE_SEED = 0
+TEST_SPLIT = "test split"
 
 
 def _build(path: str, params: dict, where: str):
@@ -58,16 +63,26 @@ def signature(X, y, est) -> dict:
     return {"inputs": inputs, "target": target, "allow_nan": allows_nan(est)}
 
 
-def split(spec: Spec, X, y, classifier: bool):
-    from sklearn.model_selection import train_test_split
+def split_params(spec: Spec, classifier: bool) -> dict:
+    """The ``train_test_split`` arguments a spec asks for (recorded in the manifest as ``split``)."""
     s = spec.split
-    stratify = y if (s.get("stratify", classifier) and classifier) else None
+    return {"test_size": s.get("test_size", 0.2), "random_state": s.get("random_state", 0),
+            "shuffle": s.get("shuffle", True), "stratify": bool(s.get("stratify", classifier) and classifier)}
+
+
+def split_with(params: dict, X, y, source: str):
+    """Split X, y with recorded parameters: the one ``train_test_split`` call training makes."""
+    from sklearn.model_selection import train_test_split
     try:
-        return train_test_split(X, y, test_size=s.get("test_size", 0.2), random_state=s.get("random_state", 0),
-                                shuffle=s.get("shuffle", True), stratify=stratify)
+        return train_test_split(X, y, test_size=params.get("test_size", 0.2), random_state=params.get("random_state", 0),
+                                shuffle=params.get("shuffle", True), stratify=y if params.get("stratify") else None)
     except ValueError as exc:
-        raise DataError(f"cannot split the data of {spec.data['source']}: {exc}",
+        raise DataError(f"cannot split the data of {source}: {exc}",
                         hint="use more rows, a smaller test_size, or stratify: false") from None
+
+
+def split(spec: Spec, X, y, classifier: bool):
+    return split_with(split_params(spec, classifier), X, y, spec.data["source"])
 
 
 def score(est, metrics: list, X, y) -> dict:
@@ -88,6 +103,41 @@ def load_xy(spec: Spec, source: str | None = None):
     return ds, X, y
 
 
+def holdout(spec: Spec, X_test, y_test) -> tuple[bytes, dict]:
+    """The version's evaluation data as Parquet bytes, and its ``data.holdout`` manifest entry.
+
+    The spec's ``data.holdout`` (cut to the training features and target) when it names one, else
+    the rows the version was scored on (its test split). More than ``HOLDOUT_MAX_ROWS`` rows are
+    sampled down, with a fixed seed, and the manifest says so.
+    """
+    import pandas as pd
+    source = spec.data.get("holdout")
+    if source:
+        hds = data.load(source)
+        hX, hy = data.split_xy(hds, spec.data["target"], [c for c in X_test.columns])
+        frame = pd.concat([hX, hy], axis=1)
+        source = hds.source  # as data.load shows it (a password masked)
+    else:
+        source = TEST_SPLIT
+        frame = pd.concat([X_test, y_test], axis=1)
+    info = {"file": HOLDOUT_FILE, "rows": int(len(frame)), "source": source}
+    if len(frame) > HOLDOUT_MAX_ROWS:
+        info.update({"sampled_from_rows": int(len(frame)),
+                     "sample": f"{HOLDOUT_MAX_ROWS} rows drawn with pandas sample(random_state={HOLDOUT_SAMPLE_SEED})"})
+        frame = frame.sample(n=HOLDOUT_MAX_ROWS, random_state=HOLDOUT_SAMPLE_SEED)
+        info["rows"] = HOLDOUT_MAX_ROWS
+    frame = frame.reset_index(drop=True)
+    frame.columns = [str(c) for c in frame.columns]
+    info["fingerprint"] = data.fingerprint(frame)
+    buf = io.BytesIO()
+    try:
+        frame.to_parquet(buf, index=False)
+    except Exception as exc:  # pyarrow refuses e.g. object columns that mix numbers and strings
+        raise DataError(f"cannot store the evaluation data ({source}) as {HOLDOUT_FILE}: {str(exc).splitlines()[0]}",
+                        hint="give every column one type (numbers or strings)") from None
+    return buf.getvalue(), info
+
+
 def train(spec: Spec, workdir: Path, message: str = "", parent: dict | None = None,
           onnx: bool | None = None, dataset=None) -> dict:
     """Fit the spec's model and write an unregistered artifact into ``workdir``. Returns the manifest."""
@@ -96,6 +146,7 @@ def train(spec: Spec, workdir: Path, message: str = "", parent: dict | None = No
     est = build_estimator(spec)
     classifier = is_classifier(est)
     X_train, X_test, y_train, y_test = split(spec, X, y, classifier)
+    holdout_bytes, holdout_info = holdout(spec, X_test, y_test)  # before the fit: a bad holdout fails fast
     try:
         est.fit(X_train, y_train)
     except (ValueError, TypeError) as exc:
@@ -103,7 +154,7 @@ def train(spec: Spec, workdir: Path, message: str = "", parent: dict | None = No
                         hint="non-numeric columns need an encoder: use a sklearn Pipeline as the estimator") from None
     fit_seconds = time.perf_counter() - t0
     metrics = score(est, spec.metrics, X_test, y_test)
-    extra = {}
+    extra = {HOLDOUT_FILE: holdout_bytes}
     onnx_info = {"status": "disabled"}
     if onnx is None:
         onnx = spec.model.get("onnx", True) is not False
@@ -120,9 +171,9 @@ def train(spec: Spec, workdir: Path, message: str = "", parent: dict | None = No
         "params": spec.params,
         "metrics": metrics,
         "data": {"source": ds.source, "fingerprint": ds.fingerprint, "rows": ds.rows,
-                 "target": spec.data["target"], "train_rows": int(len(X_train)), "test_rows": int(len(X_test))},
-        "split": {"test_size": spec.split.get("test_size", 0.2), "random_state": spec.split.get("random_state", 0),
-                  "stratify": bool(spec.split.get("stratify", classifier) and classifier)},
+                 "target": spec.data["target"], "train_rows": int(len(X_train)), "test_rows": int(len(X_test)),
+                 "holdout": holdout_info},
+        "split": split_params(spec, classifier),
         "signature": signature(X, y, est),
         "gate": spec.gate,
         "library_versions": artifact.library_versions(),

@@ -107,3 +107,72 @@ def test_onnx_rejected_when_it_disagrees():
     plain = LogisticRegression(max_iter=5000).fit(X, y)
     data, info = onnx.convert_and_check(plain, X, X, classifier=True)
     assert data is not None and info["status"] == "ok" and info["precision"] == "float64"
+
+
+# ------------------------------------------------------------------ the holdout travels with the version
+def _stored(path):
+    import pandas as pd
+    return pd.read_parquet(path / train.HOLDOUT_FILE)
+
+
+def test_version_stores_its_test_split_as_holdout(tmp_path):
+    s = spec.load(EXAMPLES / "credit-risk.yml")
+    m = train.train(s, tmp_path / "a")
+    f = tmp_path / "a" / "holdout.parquet"
+    assert m["files"]["holdout.parquet"]["sha256"] == artifact.sha256_file(f)
+    assert m["files"]["holdout.parquet"]["size"] == f.stat().st_size
+    assert m["data"]["holdout"]["file"] == "holdout.parquet" and m["data"]["holdout"]["source"] == "test split"
+    assert m["data"]["holdout"]["rows"] == m["data"]["test_rows"] == 114
+    assert "sampled_from_rows" not in m["data"]["holdout"]
+    # exactly the rows the version was scored on: features (signature order) + target
+    _, X, y = train.load_xy(s)
+    _, X_test, _, y_test = train.split(s, X, y, classifier=True)
+    stored = _stored(tmp_path / "a")
+    assert list(stored.columns) == [i["name"] for i in m["signature"]["inputs"]] + ["target"]
+    assert stored.drop(columns="target").equals(X_test.reset_index(drop=True))
+    assert stored["target"].equals(y_test.reset_index(drop=True))
+    model, _ = artifact.load_model(tmp_path / "a")
+    assert train.score(model, s.metrics, stored.drop(columns="target"), stored["target"]) == m["metrics"]
+    assert m["split"] == {"test_size": 0.2, "random_state": 12345, "shuffle": True, "stratify": True}
+
+
+def test_spec_holdout_is_stored_cut_to_features_and_target(tmp_path, write_spec):
+    import pandas as pd
+    frame = pd.DataFrame({"a": range(200), "b": [i % 7 for i in range(200)], "y": [i % 2 for i in range(200)]})
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    hold = frame.sample(30, random_state=1).assign(extra="not a feature")[["extra", "y", "b", "a"]]
+    hold.to_csv(tmp_path / "hold.csv", index=False)
+    s = spec.load(write_spec(small_spec(data={"source": "csv:train.csv", "target": "y", "holdout": "csv:hold.csv"})))
+    m = train.train(s, tmp_path / "h")
+    assert m["data"]["holdout"]["source"] == f"csv:{(tmp_path / 'hold.csv').resolve()}"
+    assert m["data"]["holdout"]["rows"] == 30
+    stored = _stored(tmp_path / "h")
+    assert list(stored.columns) == ["a", "b", "y"]
+    assert stored.equals(hold[["a", "b", "y"]].reset_index(drop=True))
+    assert m["files"]["holdout.parquet"]["sha256"] == artifact.sha256_file(tmp_path / "h" / "holdout.parquet")
+
+
+def test_spec_holdout_without_a_feature_fails_before_the_fit(tmp_path, write_spec):
+    import pandas as pd
+    pd.DataFrame({"a": range(100), "target": [0, 1] * 50}).to_csv(tmp_path / "hold.csv", index=False)
+    s = spec.load(write_spec(small_spec(data={"source": "sklearn:breast_cancer", "target": "target",
+                                              "holdout": f"csv:{tmp_path / 'hold.csv'}"})))
+    with pytest.raises(DataError, match="feature column.*mean radius.*not in csv:"):
+        train.train(s, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_large_evaluation_data_is_sampled_deterministically(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "HOLDOUT_MAX_ROWS", 40)
+    s = spec.load(EXAMPLES / "credit-risk.yml")
+    a = train.train(s, tmp_path / "a")
+    b = train.train(s, tmp_path / "b")
+    h = a["data"]["holdout"]
+    assert h["rows"] == 40 and h["sampled_from_rows"] == 114 and "random_state" in h["sample"]
+    assert len(_stored(tmp_path / "a")) == 40
+    assert a["files"]["holdout.parquet"]["sha256"] == b["files"]["holdout.parquet"]["sha256"]
+    # a sample of the test split: every stored row is one of its rows
+    _, X, y = train.load_xy(s)
+    _, X_test, _, _ = train.split(s, X, y, classifier=True)
+    keys = set(map(tuple, X_test.to_numpy().round(10)))
+    assert all(tuple(r) in keys for r in _stored(tmp_path / "a").drop(columns="target").to_numpy().round(10))
