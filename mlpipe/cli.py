@@ -51,14 +51,29 @@ def _params(p: dict) -> str:
     return ";".join(f"{k}={v}" for k, v in p.items())
 
 
+def _steps(m: dict) -> list[dict]:
+    """A Pipeline's steps as the spec gave them ([] for a single estimator)."""
+    steps = ((m.get("spec") or {}).get("model") or {}).get("steps") or []
+    return [{"estimator": s["estimator"], "params": dict(s.get("params") or {})} for s in steps]
+
+
 def _show_text(m: dict, aliases: list[str]) -> str:
+    models = [f for f in sorted(m["files"]) if f.endswith((".joblib", ".onnx"))]
     lines = [f"Model-ID: {m['id']}", f"Model-Name: {m['name']}", f"Model-Version: {m['version']}",
              f"Date: {m['created'][:19].replace('T', ' ')}",
-             f"Content-Encoding: {', '.join(('onnx' if f.endswith('.onnx') else 'joblib') for f in sorted(m['files']))}",
+             f"Content-Encoding: {', '.join(('onnx' if f.endswith('.onnx') else 'joblib') for f in models)}",
              f"Algo: {m['algo']}"]
     lines += [f"{_metric_label(k)}: {v:.4g}" for k, v in m.get("metrics", {}).items()]
     lines.append(f"Parameters: {_params(m.get('params', {}))}")
+    steps = _steps(m)
+    if steps:
+        lines.append("Steps: " + "  ".join(f"{i}. {s['estimator']} ({_params(s['params']).replace(';', '; ')})"
+                                           for i, s in enumerate(steps, 1)))
     lines.append(f"Data: {m['data']['source']} ({m['data']['rows']} rows, fingerprint {m['data']['fingerprint'][:12]})")
+    holdout = m["data"].get("holdout")
+    if holdout:
+        sampled = f", sampled from {holdout['sampled_from_rows']}" if holdout.get("sampled_from_rows") else ""
+        lines.append(f"Holdout: {holdout['file']} ({holdout['rows']} rows{sampled}, from {holdout['source']})")
     if aliases:
         lines.append(f"Aliases: {', '.join(aliases)}")
     if m.get("message"):
@@ -173,7 +188,7 @@ def models_show(ref, as_json, registry, cache):
     name, version = reg.resolve(ref)
     m = reg.manifest(name, version)
     aliases = [a for a, v in reg.aliases(name).items() if v == version]
-    _emit({**m, "aliases": aliases}, as_json, _show_text(m, aliases))
+    _emit({**m, "aliases": aliases, "steps": _steps(m)}, as_json, _show_text(m, aliases))
 
 
 @models.command("history")

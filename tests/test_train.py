@@ -176,3 +176,18 @@ def test_large_evaluation_data_is_sampled_deterministically(tmp_path, monkeypatc
     _, X_test, _, _ = train.split(s, X, y, classifier=True)
     keys = set(map(tuple, X_test.to_numpy().round(10)))
     assert all(tuple(r) in keys for r in _stored(tmp_path / "a").drop(columns="target").to_numpy().round(10))
+
+
+def test_models_show_lists_pipeline_steps(tmp_path):
+    from conftest import run_cli
+    reg = tmp_path / "reg"
+    assert run_cli("train", EXAMPLES / "hello-world.yml", "--registry", reg).returncode == 0
+    r = run_cli("models", "show", "hello-world", "--registry", reg)
+    assert r.returncode == 0, r.stderr
+    assert ("Steps: 1. sklearn.preprocessing.StandardScaler ()  "
+            "2. sklearn.linear_model.LogisticRegression (C=1.0; max_iter=500)") in r.stdout.splitlines()
+    assert "Holdout: holdout.parquet (38 rows, from test split)" in r.stdout
+    assert "Content-Encoding: joblib, onnx" in r.stdout  # the holdout is data, not a model encoding
+    j = json.loads(run_cli("models", "show", "hello-world", "--json", "--registry", reg).stdout)
+    assert j["steps"] == [{"estimator": "sklearn.preprocessing.StandardScaler", "params": {}},
+                          {"estimator": "sklearn.linear_model.LogisticRegression", "params": {"C": 1.0, "max_iter": 500}}]
