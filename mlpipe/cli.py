@@ -308,7 +308,10 @@ def models_pull(ref, dest, activate, keep, set_previous, as_json, registry, cach
 
 @cli.command()
 @click.argument("ref", required=False)
-@click.option("--data", "source", default=None, help="Data source to score on (default: the version's training source).")
+@click.option("--data", "source", default=None, metavar="SOURCE",
+              help="Data to score on: csv:PATH, parquet:PATH, s3://..., sql:... (default: the evaluation data the "
+                   "version stores, holdout.parquet, pulled and verified with it; with --endpoint, that of the version "
+                   "the server reports, from --registry). On a host: parquet:<model_dir>/<N>/holdout.parquet.")
 @click.option("--min", "mins", multiple=True, metavar="METRIC=V", help="Fail when METRIC < V.")
 @click.option("--max", "maxs", multiple=True, metavar="METRIC=V", help="Fail when METRIC > V.")
 @click.option("--max-regression", "regs", multiple=True, metavar="METRIC=D",
@@ -319,22 +322,33 @@ def models_pull(ref, dest, activate, keep, set_previous, as_json, registry, cach
 @click.option("--expect-version", type=int, default=None, help="With --endpoint: the version the server must serve.")
 @click.option("--max-p99-ms", type=float, default=None, help="With --endpoint: fail when the single-row p99 latency is above this.")
 @click.option("--token", envvar="MLPIPE_TOKEN", default=None, help="With --endpoint: bearer token [env MLPIPE_TOKEN].")
+@click.option("--require-onnx", is_flag=True, envvar="MLPIPE_REQUIRE_ONNX",
+              help="Score versions (offline, and baselines) with their model.onnx via onnxruntime; refuse versions "
+                   "without one, never unpickle [env MLPIPE_REQUIRE_ONNX=1].")
 @_common
-def evaluate(ref, source, mins, maxs, regs, against, endpoint, model, expect_version, max_p99_ms, token,
+def evaluate(ref, source, mins, maxs, regs, against, endpoint, model, expect_version, max_p99_ms, token, require_onnx,
              as_json, registry, cache):
     """Check a version (or a live server) against thresholds.
 
     Exit 0 pass, 1 a metric or latency check failed, 2 server unreachable, unhealthy or on another
     version, 3 usage error. With no thresholds, the gate of the version's spec is used (offline).
+    Without --data, the version is scored on the evaluation data it stores (versions from before
+    that: their test split, recomputed from the training source).
 
     \b
     Example:
+      mlpipe evaluate credit-risk:4 --min accuracy=0.8
       mlpipe evaluate credit-risk:4 --data csv:holdout.csv --min accuracy=0.8
       mlpipe evaluate --endpoint http://127.0.0.11:8000 --model credit-risk --expect-version 5 \\
           --data csv:holdout.csv --min accuracy=0.9 --max-regression accuracy=0.02 --max-p99-ms 50
     """
     from mlpipe import evaluate as ev
     from mlpipe.errors import UsageError
+
+    def _data_label(d: dict) -> str:
+        if d.get("holdout"):
+            return f"its stored {d['holdout']['file']} ({d['rows']} rows, from {d['holdout']['source']})"
+        return f"{d['source']} ({d['rows']} rows)"
     gate = {"min": ev.parse_thresholds(mins, "--min"), "max": ev.parse_thresholds(maxs, "--max"),
             "max_regression": ev.parse_thresholds(regs, "--max-regression")}
     gate = {k: v for k, v in gate.items() if v}
@@ -343,24 +357,29 @@ def evaluate(ref, source, mins, maxs, regs, against, endpoint, model, expect_ver
             raise UsageError("give either a model reference or --endpoint, not both")
         if not endpoint.startswith(("http://", "https://")):
             raise UsageError(f"--endpoint {endpoint!r} is not an http(s) URL", hint="e.g. http://127.0.0.11:8000")
-        if gate and not source:
-            raise UsageError("metric thresholds need --data", hint="e.g. --data csv:holdout.csv")
-        reg = _registry(registry, cache) if gate.get("max_regression") else None
+        if gate and not source and not registry:
+            raise UsageError("metric thresholds need --data, or --registry (env MLPIPE_REGISTRY) to score the stored "
+                             "holdout of the version the server reports",
+                             hint="e.g. --data parquet:/srv/models/credit-risk/5/holdout.parquet")
+        reg = _registry(registry, cache) if gate.get("max_regression") or (gate and not source) else None
         if gate.get("max_regression") and not against:
             against = f"{model}@production" if model else None
         if gate.get("max_regression") and not against:
             raise UsageError("--max-regression with --endpoint needs --against REF or --model NAME (then NAME@production)")
-        report = ev.endpoint(endpoint, model, expect_version, source, gate, max_p99_ms, reg, against, token)
+        report = ev.endpoint(endpoint, model, expect_version, source, gate, max_p99_ms, reg, against, token,
+                             require_onnx=require_onnx)
         lat = report["latency_ms"]
         lines = [f"{report['endpoint']}: {report['model']} v{report['version']} ({report.get('runtime')}) live, ready",
                  f"  latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, p99 {lat['p99']:.1f} ms over {lat['requests']} requests"]
+        if report.get("data"):
+            lines.append(f"  on {_data_label(report['data'])}")
     else:
         if not ref:
             raise UsageError("evaluate needs a model reference or --endpoint", hint="e.g. mlpipe evaluate credit-risk:4 --data csv:holdout.csv")
         if expect_version is not None or max_p99_ms is not None:
             raise UsageError("--expect-version and --max-p99-ms need --endpoint")
-        report = ev.offline(_registry(registry, cache), ref, source, gate or None, against)
-        lines = [f"{report['model']}:{report['version']} on {report['data']['source']} ({report['data']['rows']} rows)"]
+        report = ev.offline(_registry(registry, cache), ref, source, gate or None, against, require_onnx=require_onnx)
+        lines = [f"{report['model']}:{report['version']} ({report['runtime']}) on {_data_label(report['data'])}"]
     lines += [f"  {k} = {v:.4f}" for k, v in (report.get("metrics") or {}).items()]
     lines += [f"  FAIL {x}" for x in ev.describe_failures(report)]
     lines.append("PASS" if report["passed"] else "FAIL")
