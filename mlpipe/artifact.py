@@ -160,12 +160,25 @@ def sklearn_skew(manifest: dict) -> tuple[str, str] | None:
     """(trained, installed) scikit-learn versions when their major.minor differ, else None.
     Patch releases keep pickles compatible; minor releases may not (scikit-learn only promises
     that a pickle loads in the version that wrote it)."""
-    import sklearn
     trained = (manifest.get("library_versions") or {}).get("scikit-learn")
-    t, i = _major_minor(trained), _major_minor(sklearn.__version__)
+    installed = installed_sklearn()
+    t, i = _major_minor(trained), _major_minor(installed)
     if t is None or i is None or t == i:
         return None
-    return str(trained), sklearn.__version__
+    return str(trained), str(installed)
+
+
+def installed_sklearn() -> str | None:
+    """The installed scikit-learn's version, without importing it (the ONNX serving path never
+    imports scikit-learn: it would add a second or more to every worker start)."""
+    import sys
+    if "sklearn" in sys.modules:
+        return sys.modules["sklearn"].__version__
+    from importlib import metadata
+    try:
+        return metadata.version("scikit-learn")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def check_sklearn(manifest: dict, where: str) -> None:
