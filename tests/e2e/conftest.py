@@ -10,8 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import free_port, stop, wait_port, which  # noqa: E402
-from e2e.fleet import ADDRESSES, Fleet, sshd_config  # noqa: E402
+from conftest import free_port  # noqa: E402
+from e2e.fleet import ADDRESSES, Fleet  # noqa: E402
 
 HOLDOUT = "holdout.csv"
 
@@ -20,14 +20,10 @@ HOLDOUT = "holdout.csv"
 def fleet(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation folder
-    port = free_port()
-    conf = sshd_config(tmp, port)
-    sshd = subprocess.Popen([which("sshd"), "-D", "-e", "-f", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=open(tmp / "sshd.log", "wb"))
-    f = Fleet(tmp, port, free_port(), free_port())
+    f = Fleet(tmp, free_port(), free_port(), free_port())
     try:
         for a in ADDRESSES:
-            wait_port(a, port, sshd)
+            f.start_sshd(a)
         # data: a holdout the models never trained on, and the same data with shuffled labels
         from sklearn.datasets import load_breast_cancer
         frame = load_breast_cancer(as_frame=True).frame
@@ -41,7 +37,8 @@ def fleet(tmp_path_factory):
         yield f
     finally:
         f.down()
-        stop(sshd)
+        for a in list(f.sshd):
+            f.stop_sshd(a)
         print(f"playbook log: {tmp / 'playbook.log'}")
 
 

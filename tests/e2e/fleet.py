@@ -17,14 +17,18 @@ BIN = Path(sys.executable).parent
 ADDRESSES = ["127.0.0.10", "127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"]
 
 
-def sshd_config(d: Path, port: int) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key")], check=True)
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    os.chmod(d / "authorized_keys", 0o600)
-    conf = d / "sshd_config"
-    conf.write_text("\n".join([f"ListenAddress {a}:{port}" for a in ADDRESSES] + [
-        f"HostKey {d / 'host_key'}", f"AuthorizedKeysFile {d / 'authorized_keys'}", f"PidFile {d / 'sshd.pid'}",
+def sshd_config(d: Path, port: int, address: str | None = None) -> Path:
+    """An sshd config for one loopback address (one sshd per host, so one host can be made
+    unreachable) or, without ``address``, for all of them. Keys are made once per folder."""
+    if not (d / "host_key").exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key")], check=True)
+        (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+        os.chmod(d / "authorized_keys", 0o600)
+    conf = d / f"sshd_config{'-' + address if address else ''}"
+    conf.write_text("\n".join([f"ListenAddress {a}:{port}" for a in ([address] if address else ADDRESSES)] + [
+        f"HostKey {d / 'host_key'}", f"AuthorizedKeysFile {d / 'authorized_keys'}",
+        f"PidFile {d / ('sshd-' + (address or 'all') + '.pid')}",
         "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
         "UsePAM no", "StrictModes no", "LogLevel ERROR", "MaxStartups 100:30:200", "MaxSessions 100",
         "Subsystem sftp internal-sftp", ""]))
@@ -43,6 +47,24 @@ class Fleet:
                     "MLPIPE_LB_PORT": str(lb_port), "PATH": f"{BIN}:{os.environ.get('PATH', '')}:/usr/sbin",
                     "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
         self.lb_url = f"http://127.0.0.10:{lb_port}"
+        self.sshd: dict[str, subprocess.Popen] = {}
+        self.headers: dict = {}  # sent by versions() (bearer token once the servers want one)
+
+    def start_sshd(self, address: str) -> None:
+        """sshd for one host's address (a child process; stop_sshd makes that host unreachable)."""
+        from procs import wait_port
+        conf = sshd_config(self.tmp, self.ssh_port, address)
+        self.sshd[address] = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                                              stderr=open(self.tmp / f"sshd-{address}.log", "ab"))
+        wait_port(address, self.ssh_port, self.sshd[address])
+
+    def stop_sshd(self, address: str) -> None:
+        from procs import stop
+        proc = self.sshd.pop(address, None)
+        if proc is not None:
+            # its open sessions too (Ansible keeps a persistent connection): they are its children
+            subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)], capture_output=True)
+            stop(proc)
 
     def playbook(self, name: str, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
         r = subprocess.run([str(BIN / "ansible-playbook"), f"playbooks/{name}", *extra], cwd=ROOT, env=self.env,
@@ -62,10 +84,52 @@ class Fleet:
         out = {}
         for h in ("ms1", "ms2", "ms3"):
             try:
-                out[h] = requests.get(f"{self.host_url(h)}/metadata", timeout=5).json()["version"]
+                out[h] = requests.get(f"{self.host_url(h)}/metadata", headers=self.headers, timeout=5).json()["version"]
             except Exception:
                 out[h] = None
         return out
+
+    def deploy(self, version, *extra: str, model: str = "credit-risk") -> subprocess.CompletedProcess:
+        return self.playbook("deploy.yml", "-e", f"model={model}", "-e", f"version={version}", *extra)
+
+    def start_playbook(self, name: str, *extra: str) -> subprocess.Popen:
+        """A playbook in the background (its own process group, so a Ctrl-C can be sent to it)."""
+        log = open(self.tmp / f"bg-{name}-{time.monotonic_ns()}.log", "w+")
+        proc = subprocess.Popen([str(BIN / "ansible-playbook"), f"playbooks/{name}", *extra], cwd=ROOT, env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc.log = log
+        return proc
+
+    @staticmethod
+    def finish(proc: subprocess.Popen, timeout: int = 600) -> str:
+        proc.wait(timeout)
+        proc.log.seek(0)
+        return proc.log.read()
+
+    def wait_for(self, what, timeout: float = 300, every: float = 0.2):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = what()
+            if got:
+                return got
+            time.sleep(every)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def deployed_on(self, host: str, version: int, model: str = "credit-risk") -> bool:
+        """The ledger's latest event for ``host`` says it was deployed ``version``."""
+        last = [e for e in self.events(model) if e.get("host") == host and e["event"] in ("deployed", "host_rolled_back", "host_disabled")]
+        return bool(last) and last[-1]["event"] == "deployed" and last[-1]["version"] == version
+
+    def lb_up(self) -> list[str]:
+        from mlpipe.fleet import lb_status
+        return lb_status(str(self.root / "lb1" / "run" / "haproxy.sock"), "mlpipe")["up"]
+
+    def fleet_state(self, model: str = "credit-risk") -> dict:
+        return json.loads(self.mlpipe("fleet", "state", model).stdout)
+
+    def supervisorctl(self, host: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["supervisorctl", "-c", str(self.root / host / "etc" / "supervisord.conf"), *args],
+                              capture_output=True, text=True, timeout=60)
 
     def events(self, model: str) -> list[dict]:
         return json.loads(self.mlpipe("models", "history", model, "--json").stdout)
@@ -84,8 +148,9 @@ class Fleet:
 class Load:
     """A bounded request loop through HAProxy (threads, a time limit), counting every answer."""
 
-    def __init__(self, url: str, body: dict, threads: int = 3, max_seconds: float = 300):
+    def __init__(self, url: str, body: dict, threads: int = 3, max_seconds: float = 300, headers: dict | None = None):
         self.url, self.body, self.threads, self.max_seconds = url, body, threads, max_seconds
+        self.headers = headers or {}
         self.counts: collections.Counter = collections.Counter()
         self.failures: list = []
         self._stop = threading.Event()
@@ -94,6 +159,7 @@ class Load:
     def _loop(self):
         import requests
         s = requests.Session()
+        s.headers.update(self.headers)
         deadline = time.monotonic() + self.max_seconds
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
