@@ -34,7 +34,8 @@ HOST_EVENTS = ("deployed", "host_rolled_back", "host_disabled")
 
 # ------------------------------------------------------------------------------------------ lock
 def _lock_key(model: str) -> str:
-    return f"{model}/deploys/LOCK"
+    from mlpipe.registry import check_name
+    return f"{check_name(model)}/deploys/LOCK"
 
 
 def read_lock(reg, model: str) -> dict | None:

@@ -358,14 +358,15 @@ _VERSION_DIR = re.compile(r"^[1-9][0-9]*$")
 
 
 def mask_source(manifest: dict) -> dict:
-    """The manifest with credentials masked in its data source (``data.source`` and the spec's)."""
+    """The manifest with credentials masked in its data sources (``data.source``, the spec's source and holdout)."""
     from mlpipe.data import redact_source
     manifest = dict(manifest)
     if isinstance(manifest.get("data"), dict) and isinstance(manifest["data"].get("source"), str):
         manifest["data"] = dict(manifest["data"], source=redact_source(manifest["data"]["source"]))
     spec = manifest.get("spec")
-    if isinstance(spec, dict) and isinstance(spec.get("data"), dict) and isinstance(spec["data"].get("source"), str):
-        manifest["spec"] = dict(spec, data=dict(spec["data"], source=redact_source(spec["data"]["source"])))
+    if isinstance(spec, dict) and isinstance(spec.get("data"), dict):
+        masked = {k: redact_source(v) for k, v in spec["data"].items() if k in ("source", "holdout") and isinstance(v, str)}
+        manifest["spec"] = dict(spec, data=dict(spec["data"], **masked))
     return manifest
 
 

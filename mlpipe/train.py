@@ -77,7 +77,7 @@ def split_with(params: dict, X, y, source: str):
         return train_test_split(X, y, test_size=params.get("test_size", 0.2), random_state=params.get("random_state", 0),
                                 shuffle=params.get("shuffle", True), stratify=y if params.get("stratify") else None)
     except ValueError as exc:
-        raise DataError(f"cannot split the data of {source}: {exc}",
+        raise DataError(f"cannot split the data of {data.redact_source(source)}: {exc}",
                         hint="use more rows, a smaller test_size, or stratify: false") from None
 
 

@@ -362,7 +362,7 @@ def test_sql_password_is_never_stored(tmp_path):
     source = "sql:postgresql://u:secret@h/db#select 1"
     manifest = {"name": "sql-model", "message": "", "metrics": {"accuracy": 1.0},
                 "data": {"source": source, "fingerprint": "0" * 64, "rows": 2, "target": "y"},
-                "spec": {"name": "sql-model", "data": {"source": source, "target": "y"}},
+                "spec": {"name": "sql-model", "data": {"source": source, "target": "y", "holdout": source}},
                 "library_versions": artifact.library_versions()}
     work = tmp_path / "w"
     artifact.write_dir(work, DummyClassifier().fit([[0], [1]], [0, 1]), manifest)
@@ -372,6 +372,7 @@ def test_sql_password_is_never_stored(tmp_path):
     stored = reg.manifest("sql-model", 1)
     assert stored["data"]["source"] == "sql:postgresql://u:***@h/db#select 1"
     assert stored["spec"]["data"]["source"] == "sql:postgresql://u:***@h/db#select 1"
+    assert stored["spec"]["data"]["holdout"] == "sql:postgresql://u:***@h/db#select 1"
     assert "secret" not in json.dumps(reg.events("sql-model"))
     for f in (tmp_path / "reg").rglob("*"):
         if f.is_file():
