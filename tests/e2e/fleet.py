@@ -138,7 +138,7 @@ class Fleet:
         """Stop what site.yml started (supervisord + gunicorn per host, HAProxy)."""
         for conf in self.root.glob("*/etc/supervisord.conf"):
             subprocess.run(["supervisorctl", "-c", str(conf), "shutdown"], capture_output=True, timeout=60)
-        for pidfile in list(self.root.glob("*/run/haproxy.pid")) + list(self.root.glob("*/run/gunicorn.pid")):
+        for pidfile in list(self.root.glob("*/run/haproxy.pid")) + list(self.root.glob("*/run/**/gunicorn.pid")):
             try:
                 os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
             except (ValueError, OSError):

@@ -119,7 +119,7 @@ def test_e_host_dies_mid_deploy(fleet):
         time.sleep(0.2)
     conf = fleet.root / "ms2" / "etc" / "supervisord.conf"
     sup_pid = int((fleet.root / "ms2" / "run" / "supervisord.pid").read_text())
-    gun_pid = int((fleet.root / "ms2" / "run" / "gunicorn.pid").read_text())
+    gun_pid = int(next((fleet.root / "ms2" / "run").glob("**/gunicorn.pid")).read_text())
     os.kill(sup_pid, 9)
     os.kill(gun_pid, 9)
     out, _ = proc.communicate(timeout=600)
