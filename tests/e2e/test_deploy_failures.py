@@ -176,3 +176,24 @@ def test_registry_gone_after_a_host_switched(fleet):
     assert r.returncode == 0, r.stdout[-3000:]
     assert fleet.versions() == on(fleet, 3)
     shutil.rmtree(moved, ignore_errors=True)
+
+
+def test_ledger_writes_failing_never_fail_a_deploy(fleet):
+    """Ledger writes are retried outside the critical path: a deploy whose checks pass stays
+    deployed when the ledger cannot be written, and the summary says what is missing."""
+    events = fleet.registry / "credit-risk" / "events"
+    kept = events.with_name("events.kept")
+    events.rename(kept)
+    events.write_text("the ledger cannot be written")
+    try:
+        with Load(fleet.lb_url, fleet.body) as load:
+            r = fleet.deploy(2, *holdout(fleet))
+    finally:
+        events.unlink()
+        kept.rename(events)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert not load.failures, load.counts
+    assert fleet.versions() == on(fleet, 2)
+    report = r.stdout[r.stdout.rfind("every host serves it"):]
+    assert "Ledger writes that failed during the run and again at the end" in report, report[:2000]
+    assert "--event deployed --host ms1" in report and "fleet record credit-risk --event fleet_deployed" in report
