@@ -9,6 +9,9 @@ export PATH := $(CURDIR)/$(BIN):$(PATH):/usr/sbin
 APT_PACKAGES := redis-server haproxy openssh-server openssh-client cron wrk supervisor
 DEMO ?= .demo
 PYTEST_ARGS ?=
+# test files run side by side (pytest-xdist, one worker per file): each e2e module has its own fleet
+# on its own ports, so the slow failure cases overlap; TEST_WORKERS=0 runs everything in one process
+TEST_WORKERS ?= 3
 
 .PHONY: help deps venv demo fleet-down test bench clean
 
@@ -66,7 +69,7 @@ fleet-down:
 	for p in $(DEMO)/*/run/haproxy.pid; do [ -f "$$p" ] && kill $$(cat "$$p") 2>/dev/null; done; true
 
 test: deps venv
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $$( [ "$(TEST_WORKERS)" = 0 ] || echo "-n $(TEST_WORKERS) --dist loadfile" ) $(PYTEST_ARGS)
 
 # mlflow is a benchmark-only dependency: its own venv, with our scikit-learn version so both load the same pickle
 .venv-bench/.installed: $(VENV)/.installed
