@@ -161,12 +161,12 @@ class Service:
     def state(self) -> str:
         """RUNNING, STOPPED, FATAL, ... ; MISSING (no such program); NO_SUPERVISOR (supervisord down)."""
         if self.supervisor == "systemd":
-            r = _run(["systemctl", "show", "-p", "ActiveState,LoadState", "--value", self.name])
-            lines = r.stdout.split()
-            if "not-found" in lines:
+            def prop(name: str) -> str:
+                return _run(["systemctl", "show", "-p", name, "--value", self.name]).stdout.strip()
+            if prop("LoadState") == "not-found":
                 return "MISSING"
-            return {"active": "RUNNING", "reloading": "RUNNING", "activating": "STARTING"}.get(
-                lines[0] if lines else "", (lines[0] if lines else "UNKNOWN").upper())
+            active = prop("ActiveState")
+            return {"active": "RUNNING", "reloading": "RUNNING", "activating": "STARTING"}.get(active, (active or "UNKNOWN").upper())
         if not Path(self.conf).is_file():
             return "NO_SUPERVISOR"
         r = self._ctl("status", self.name)
