@@ -184,3 +184,34 @@ class Load:
         self._stop.set()
         for t in self._threads:
             t.join(30)
+
+
+# ------------------------------------------------------------------------- helpers of the e2e tests
+def recap_changed(stdout: str) -> int:
+    return sum(int(part.split("=")[1]) for line in stdout.split("PLAY RECAP")[-1].splitlines()
+               for part in line.split() if part.startswith("changed="))
+
+
+ALL = ["ms1", "ms2", "ms3"]
+
+
+def holdout(fleet, bad_on: str | None = None) -> list[str]:
+    """The check's data: the real holdout, or shuffled labels on one host only (a check that fails there)."""
+    good, bad = f"csv:{fleet.root / 'holdout.csv'}", f"csv:{fleet.root / 'shuffled.csv'}"
+    if bad_on is None:
+        return ["-e", f"model_deploy_holdout={good}"]
+    return ["-e", f"model_deploy_holdout={{{{ '{bad}' if inventory_hostname == '{bad_on}' else '{good}' }}}}"]
+
+
+def serial(*batches) -> list[str]:
+    return ["-e", json.dumps({"deploy_serial": list(batches)})]
+
+
+def train(fleet, message: str) -> int:
+    r = fleet.mlpipe("train", str(ROOT / "examples" / "credit-risk.yml"), "-m", message, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["version"]
+
+
+def on(fleet, version: int) -> dict:
+    return {h: version for h in ALL}

@@ -3,43 +3,15 @@ batch, an interrupted run finished by the next, two runs at once, rollback.yml t
 stopped mid-deploy, the registry gone after a host switched. Every case asserts 0 failed requests,
 the version on every host, and what the summary and the ledger say. The tests run in order on one
 fleet (its own ports: this module can run beside the others)."""
-import json
 import os
 import shutil
 import signal
 
 import pytest
 
-from conftest import EXAMPLES
-from e2e.conftest import HOLDOUT
-from e2e.fleet import Load
+from e2e.fleet import ALL, Load, holdout, on, recap_changed, serial, train
 
 pytestmark = pytest.mark.e2e
-ALL = ["ms1", "ms2", "ms3"]
-
-
-def holdout(fleet, bad_on: str | None = None) -> list[str]:
-    """The check's data: the real holdout, or shuffled labels on one host only (a check that fails there)."""
-    good, bad = f"csv:{fleet.root / HOLDOUT}", f"csv:{fleet.root / 'shuffled.csv'}"
-    if bad_on is None:
-        return ["-e", f"model_deploy_holdout={good}"]
-    return ["-e", f"model_deploy_holdout={{{{ '{bad}' if inventory_hostname == '{bad_on}' else '{good}' }}}}"]
-
-
-def serial(*batches) -> list[str]:
-    return ["-e", json.dumps({"deploy_serial": list(batches)})]
-
-
-def train(fleet, message: str) -> int:
-    r = fleet.mlpipe("train", str(EXAMPLES / "credit-risk.yml"), "-m", message, "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)["version"]
-
-
-def on(fleet, version: int) -> dict:
-    return {h: version for h in ALL}
-
-
 def test_setup_v1(fleet):
     assert fleet.playbook("site.yml").returncode == 0
     assert train(fleet, "v1") == 1
@@ -120,7 +92,6 @@ def test_rollback_twice(fleet):
     assert first.returncode == 0 and second.returncode == 0, first.stdout[-3000:] + second.stdout[-3000:]
     assert not load.failures, load.counts
     assert fleet.versions() == on(fleet, 2)
-    from test_fleet import recap_changed
     assert recap_changed(second.stdout) == 0, second.stdout[-2000:]
     assert [e["version"] for e in fleet.events("credit-risk") if e["event"] == "fleet_rolled_back"] == [2]
 

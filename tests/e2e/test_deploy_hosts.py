@@ -9,8 +9,7 @@ import shutil
 import pytest
 
 from conftest import EXAMPLES
-from e2e.fleet import ADDRESSES, Load
-from test_deploy_failures import ALL, holdout, on, serial, train
+from e2e.fleet import ADDRESSES, ALL, Load, holdout, on, serial, train
 
 pytestmark = pytest.mark.e2e
 TOKEN = "s3cret-token"

@@ -7,12 +7,11 @@ import shutil
 import subprocess
 import time
 
-import numpy as np
 import pytest
 
-from conftest import EXAMPLES, free_port, stop, wait_port, which
+from conftest import EXAMPLES
 from e2e.conftest import HOLDOUT
-from e2e.fleet import Load
+from e2e.fleet import Load, recap_changed
 
 pytestmark = pytest.mark.e2e
 
@@ -20,11 +19,6 @@ pytestmark = pytest.mark.e2e
 def deploy(fleet, version, *extra):
     return fleet.playbook("deploy.yml", "-e", "model=credit-risk", "-e", f"version={version}",
                           "-e", f"model_deploy_holdout=csv:{fleet.root / HOLDOUT}", *extra)
-
-
-def recap_changed(stdout: str) -> int:
-    return sum(int(part.split("=")[1]) for line in stdout.split("PLAY RECAP")[-1].splitlines()
-               for part in line.split() if part.startswith("changed="))
 
 
 def test_a_site_and_deploy_v1(fleet):
