@@ -1,8 +1,10 @@
 """The e2e fixture: one local fleet per test module (its own sshd, server and balancer ports), so
 modules can run in parallel (pytest-xdist, --dist loadfile) without sharing a port."""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,11 @@ HOLDOUT = "holdout.csv"
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
+    # Not under pytest's tmp tree: /tmp/pytest-of-<user> is 0700 (pytest makes it so again at every
+    # start), and the servers run as the unprivileged user mlpipe, which must reach the fleet root.
+    # The logs are copied into pytest's tmp tree at the end.
+    tmp = Path(tempfile.mkdtemp(prefix="mlpipe-e2e-"))
+    os.chmod(tmp, 0o755)
     os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation folder
     f = Fleet(tmp, free_port(), free_port(), free_port())
     try:
@@ -39,6 +45,10 @@ def fleet(tmp_path_factory):
         f.down()
         for a in list(f.sshd):
             f.stop_sshd(a)
-        print(f"playbook log: {tmp / 'playbook.log'}")
+        logs = tmp_path_factory.mktemp("e2e")
+        for log in [*tmp.glob("*.log"), *tmp.glob("fleet/*/log/*.log")]:
+            shutil.copy(log, logs / (log.name if log.parent == tmp else f"{log.parts[-3]}-{log.name}"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"playbook log: {logs / 'playbook.log'}")
 
 
