@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH):/usr/sbin
-APT_PACKAGES := redis-server haproxy openssh-server openssh-client cron wrk supervisor
+APT_PACKAGES := redis-server haproxy openssh-server openssh-client cron wrk supervisor systemd python3-venv
 DEMO ?= .demo
 PYTEST_ARGS ?=
 # test files run side by side (pytest-xdist, one worker per file): each e2e module has its own fleet
@@ -20,10 +20,12 @@ help:
 	@echo "make test   install what the tests need and run the whole suite"
 	@echo "make bench  run the benchmarks (ratios, side by side)"
 
-# Debian packages the real servers in the tests come from; installed only when missing.
+# Debian packages the real servers in the tests come from; installed only when missing. systemd only
+# for systemd-analyze (the unit test; nothing is started); python3-venv for mlpipe_common's molecule venv.
 deps:
-	@missing=""; for c in redis-server haproxy sshd ssh-keygen crontab wrk supervisord; do \
+	@missing=""; for c in redis-server haproxy sshd ssh-keygen crontab wrk supervisord systemd-analyze; do \
 	  command -v $$c >/dev/null 2>&1 || [ -x /usr/sbin/$$c ] || missing="$$missing $$c"; done; \
+	/usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages (missing:$$missing)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
