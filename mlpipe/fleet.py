@@ -108,8 +108,7 @@ def record_fleet(reg, model: str, event: str, version: int, reason: str = "", **
     if event not in FLEET_EVENTS:
         raise UsageError(f"{event!r} is not a fleet event", hint=f"use one of {', '.join(FLEET_EVENTS)}")
     state = fleet_state(reg, model)
-    last = state["last_fleet_event"]
-    if last and last["event"] == event and last.get("version") == version:
+    if state["live"] == version:  # a re-run, or a deploy of the version a rollback went back to
         return None
     extra = {"previous": state["live"]} if event == "fleet_deployed" else {"from": state["live"]}
     return reg.record(model, event, version=version, reason=reason, **extra, **fields)

@@ -106,6 +106,9 @@ def test_rollback_target_is_one_version_and_stable(tmp_path, built):
     again = fleet.rollback_target(reg, "hello-world")
     assert again["target"] == 1 and "changes nothing" in again["why"]
     assert fleet.record_fleet(reg, "hello-world", "fleet_rolled_back", 1) is None
+    # deploying the version the fleet was rolled back to changes nothing, nor the next target
+    assert fleet.record_fleet(reg, "hello-world", "fleet_deployed", 1) is None
+    assert fleet.rollback_target(reg, "hello-world")["target"] == 1
     assert fleet.rollback_target(reg, "hello-world", version=3)["target"] == 3
     with pytest.raises(NotFound):
         fleet.rollback_target(reg, "hello-world", version=9)
