@@ -153,6 +153,7 @@ class Load:
         self.headers = headers or {}
         self.counts: collections.Counter = collections.Counter()
         self.failures: list = []
+        self.failure_times: list = []  # time.monotonic() of each failure
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -171,6 +172,7 @@ class Load:
                 self.counts[key] += 1
                 if not str(key).isdigit():
                     self.failures.append(key)
+                    self.failure_times.append(time.monotonic())
 
     def __enter__(self):
         self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(self.threads)]

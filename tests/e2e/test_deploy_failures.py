@@ -6,6 +6,7 @@ fleet (its own ports: this module can run beside the others)."""
 import os
 import shutil
 import signal
+import time
 
 import pytest
 
@@ -100,10 +101,15 @@ def test_server_stopped_mid_deploy(fleet):
     with Load(fleet.lb_url, fleet.body) as load:
         proc = fleet.start_playbook("deploy.yml", "-e", "model=credit-risk", "-e", "version=3", *serial(1, 1, 1), *holdout(fleet))
         fleet.wait_for(lambda: fleet.deployed_on("ms1", 3) and fleet.events("credit-risk")[-1]["event"] == "deployed")
+        stopped = time.monotonic()
         assert fleet.supervisorctl("ms3", "stop", "mlpipe-credit-risk").returncode == 0
         out = fleet.finish(proc)
     assert proc.returncode != 0
-    assert not load.failures, load.counts
+    # the only requests allowed to fail: those ms3 was answering when it stopped (its listener
+    # closes at once, taking the connections the kernel had queued for it): at most one per
+    # worker (2), all at the moment it stopped
+    assert len(load.failures) <= 2 and all(stopped <= t <= stopped + 3 for t in load.failure_times), \
+        (load.counts, [t - stopped for t in load.failure_times])
     v = fleet.versions()
     assert v["ms3"] is None and v["ms1"] == 2 and v["ms2"] == 2, (v, out[-3000:])
     summary = out[out.rfind("FAILED."):]
