@@ -72,6 +72,15 @@ def s3_bucket(moto_endpoint, monkeypatch):
     return name
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """An unregistered artifact folder of examples/hello-world.yml (trained once per module)."""
+    from mlpipe import spec, train
+    d = tmp_path_factory.mktemp("art") / "v"
+    train.train(spec.load(EXAMPLES / "hello-world.yml"), d, message="m")
+    return d
+
+
 @pytest.fixture
 def registry_path(tmp_path):
     return tmp_path / "registry"

@@ -7,17 +7,10 @@ import threading
 
 import pytest
 
-from mlpipe import fleet, hostdir, spec, train
+from mlpipe import fleet, hostdir
 from mlpipe.errors import Locked, NotFound, UsageError
 from mlpipe.registry import Registry
-from conftest import EXAMPLES, free_port, run_cli, stop, wait_port, which
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    d = tmp_path_factory.mktemp("art") / "v"
-    train.train(spec.load(EXAMPLES / "hello-world.yml"), d, message="m")
-    return d
+from conftest import free_port, run_cli, stop, wait_port, which
 
 
 @pytest.fixture(params=["file", "s3"])

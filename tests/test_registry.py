@@ -6,17 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from mlpipe import artifact, spec, train
+from mlpipe import artifact
 from mlpipe.errors import Conflict, IntegrityError, NotFound, RegistryError, UsageError
 from mlpipe.registry import CachedStore, FileStore, Registry, open_store, parse_ref
 from conftest import EXAMPLES, free_port, run_cli
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    d = tmp_path_factory.mktemp("art") / "v"
-    train.train(spec.load(EXAMPLES / "hello-world.yml"), d, message="m")
-    return d
 
 
 @pytest.fixture(params=["file", "s3"])

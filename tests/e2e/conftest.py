@@ -2,7 +2,6 @@
 modules can run in parallel (pytest-xdist, --dist loadfile) without sharing a port."""
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path

@@ -217,3 +217,13 @@ def train(fleet, message: str) -> int:
 
 def on(fleet, version: int) -> dict:
     return {h: version for h in ALL}
+
+
+def setup_v1(fleet) -> None:
+    """site.yml, then v1 trained and deployed to every host: where the failure modules start."""
+    assert fleet.playbook("site.yml").returncode == 0
+    assert train(fleet, "v1") == 1
+    r = fleet.deploy(1, *holdout(fleet))
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert fleet.versions() == on(fleet, 1)
+    assert fleet.fleet_state()["live"] == 1

@@ -10,16 +10,11 @@ import time
 
 import pytest
 
-from e2e.fleet import ALL, Load, holdout, on, recap_changed, serial, train
+from e2e.fleet import setup_v1, ALL, Load, holdout, on, recap_changed, serial, train
 
 pytestmark = pytest.mark.e2e
 def test_setup_v1(fleet):
-    assert fleet.playbook("site.yml").returncode == 0
-    assert train(fleet, "v1") == 1
-    r = fleet.deploy(1, *holdout(fleet))
-    assert r.returncode == 0, r.stdout[-3000:]
-    assert fleet.versions() == on(fleet, 1)
-    assert fleet.fleet_state()["live"] == 1
+    setup_v1(fleet)
 
 
 def test_check_fails_on_the_last_batch(fleet):

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from conftest import EXAMPLES
-from e2e.fleet import ADDRESSES, ALL, Load, holdout, on, serial, train
+from e2e.fleet import setup_v1, ADDRESSES, ALL, Load, holdout, on, serial, train
 
 pytestmark = pytest.mark.e2e
 TOKEN = "s3cret-token"
@@ -17,11 +17,7 @@ AUTH = ["-e", json.dumps({"model_server_auth_tokens": [TOKEN]})]
 
 
 def test_setup_v1(fleet):
-    assert fleet.playbook("site.yml").returncode == 0
-    assert train(fleet, "v1") == 1
-    r = fleet.deploy(1, *holdout(fleet))
-    assert r.returncode == 0, r.stdout[-3000:]
-    assert fleet.versions() == on(fleet, 1)
+    setup_v1(fleet)
 
 
 def test_host_unreachable_in_the_last_batch(fleet):
