@@ -1,9 +1,12 @@
 """site.yml on a running fleet (Ansible over SSH, HAProxy, supervisord + gunicorn per host) under a
 bounded request loop through HAProxy: a configuration change restarts the servers one host at a
 time, each drained first, with no failed request; a stopped server is started again; a second run
-changes nothing; the servers run as the unprivileged user mlpipe. The tests run in order on one
-fleet: each starts from the state the previous one left."""
+changes nothing; the only server up is restarted without being drained; the servers run as the
+unprivileged user mlpipe. The tests run in order on one fleet: each starts from the state the
+previous one left."""
+import csv
 import re
+import socket
 import subprocess
 
 import pytest
@@ -53,6 +56,16 @@ def gunicorn(fleet, host: str) -> dict:
             "workers": dict(zip(workers[0::2], workers[1::2]))}
 
 
+def lb_status(fleet) -> dict[str, str]:
+    """HAProxy's status of every model server (show stat on lb1's admin socket)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(fleet.root / "lb1" / "run" / "haproxy.sock"))
+    s.sendall(b"show stat\n")
+    data = b"".join(iter(lambda: s.recv(65536), b"")).decode()
+    return {r["svname"]: r["status"] for r in csv.DictReader(data.lstrip("# ").splitlines())
+            if r["pxname"] == "mlpipe" and r["svname"] in SERVERS}
+
+
 def site(fleet, *extra: str):
     r = fleet.playbook("site.yml", *extra)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
@@ -90,6 +103,7 @@ def test_b_config_change_restarts_one_host_at_a_time_without_a_failed_request(fl
     before = {h: gunicorn(fleet, h)["pid"] for h in SERVERS}
     with Load(fleet.lb_url, fleet.body) as load:
         r = site(fleet, *WORKERS)
+    print("config change, requests through HAProxy:", dict(load.counts))
     assert not load.failures, load.counts
     assert sum(load.counts.values()) > 50, load.counts
     # every server restarted, with the new setting, still as mlpipe
@@ -103,24 +117,35 @@ def test_b_config_change_restarts_one_host_at_a_time_without_a_failed_request(fl
 
 
 def test_c_stopped_server_is_started_again(fleet):
+    """ms3's program stopped (supervisord up), and ms2's supervisord shut down altogether."""
     stopped = fleet.supervisorctl("ms3", "stop", PROGRAM)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    assert fleet.versions()["ms3"] is None
-    others = {h: gunicorn(fleet, h)["pid"] for h in ("ms1", "ms2")}
+    assert fleet.supervisorctl("ms2", "shutdown").returncode == 0
+    fleet.wait_for(lambda: fleet.versions() == {"ms1": 1, "ms2": None, "ms3": None}, timeout=60)
+    # the load starts once HAProxy has seen them go (before, a request may be retried on both dead ones)
+    fleet.wait_for(lambda: lb_status(fleet) == {"ms1": "UP", "ms2": "DOWN", "ms3": "DOWN"}, timeout=30)
+    ms1 = gunicorn(fleet, "ms1")["pid"]
     with Load(fleet.lb_url, fleet.body) as load:
         r = site(fleet, *WORKERS)
+    print("heal, requests through HAProxy:", dict(load.counts))
     assert not load.failures, load.counts
     assert fleet.versions() == {"ms1": 1, "ms2": 1, "ms3": 1}
-    assert "RUNNING" in fleet.supervisorctl("ms3", "status", PROGRAM).stdout
-    assert gunicorn(fleet, "ms3")["user"] == "mlpipe"
-    assert {h: gunicorn(fleet, h)["pid"] for h in ("ms1", "ms2")} == others  # only ms3 was touched
+    assert lb_status(fleet) == {"ms1": "UP", "ms2": "UP", "ms3": "UP"}  # each waited for until HAProxy had it up
+    for h in ("ms2", "ms3"):
+        assert "RUNNING" in fleet.supervisorctl(h, "status", PROGRAM).stdout
+        g = gunicorn(fleet, h)
+        assert g["user"] == "mlpipe" and len(g["workers"]) == 3, (h, g)
+    assert gunicorn(fleet, "ms1")["pid"] == ms1  # only the stopped ones were touched
     changed = recap(r.stdout)
-    assert changed["ms3"]["changed"] > 0 and changed["ms1"]["changed"] == changed["ms2"]["changed"] == 0, changed
+    assert changed["ms2"]["changed"] > 0 and changed["ms3"]["changed"] > 0 and changed["ms1"]["changed"] == 0, changed
+    # started with the configuration as it is: not restarted on top of that
+    assert task_hosts(r.stdout, "Drain this host in the load balancer", "Put this host back in the load balancer") == []
 
 
 def test_d_second_run_changes_nothing(fleet):
     with Load(fleet.lb_url, fleet.body) as load:
         r = site(fleet, *WORKERS)
+    print("second run, requests through HAProxy:", dict(load.counts))
     assert not load.failures, load.counts
     assert all(c["changed"] == 0 for c in recap(r.stdout).values()), recap(r.stdout)
 
@@ -131,6 +156,7 @@ def test_e_auth_tokens_rolled_out_without_a_failed_request(fleet):
     auth = {"Authorization": f"Bearer {TOKEN}"}  # servers without auth ignore it
     with Load(fleet.lb_url, fleet.body, headers=auth) as load:
         r = site(fleet, *WORKERS, "-e", '{"model_server_auth_tokens": ["%s"]}' % TOKEN)
+    print("auth tokens, requests through HAProxy:", dict(load.counts))
     assert not load.failures, load.counts
     assert TOKEN not in r.stdout  # serve.yml is written with no_log
     assert all(gunicorn(fleet, h)["pid"] != before[h] for h in SERVERS)
@@ -138,3 +164,17 @@ def test_e_auth_tokens_rolled_out_without_a_failed_request(fleet):
     assert requests.post(f"{fleet.lb_url}/invocations", json=fleet.body, headers=auth, timeout=10).status_code == 200
     fleet.headers = auth
     assert fleet.versions() == {"ms1": 1, "ms2": 1, "ms3": 1}
+
+
+def test_f_the_only_server_up_is_not_drained(fleet):
+    """ms2 and ms3 stopped, then a config change: ms1 (first, the only server up) is restarted while
+    serving rather than drained (a drained last server would take every request down with it)."""
+    for h in ("ms2", "ms3"):
+        assert fleet.supervisorctl(h, "stop", PROGRAM).returncode == 0
+    fleet.wait_for(lambda: lb_status(fleet) == {"ms1": "UP", "ms2": "DOWN", "ms3": "DOWN"}, timeout=30)
+    r = site(fleet, "-e", '{"model_server_auth_tokens": ["%s"]}' % TOKEN)  # workers back to 2
+    assert task_hosts(r.stdout, "Drain this host in the load balancer") == []
+    assert "ms1 restarted while serving: it was the only server up" in r.stdout
+    assert fleet.versions() == {"ms1": 1, "ms2": 1, "ms3": 1}
+    assert {h: len(gunicorn(fleet, h)["workers"]) for h in SERVERS} == {"ms1": 2, "ms2": 2, "ms3": 2}
+    assert lb_status(fleet) == {"ms1": "UP", "ms2": "UP", "ms3": "UP"}
