@@ -251,7 +251,7 @@ def models_rollback(name, alias, reason, as_json, registry, cache):
     _emit(entry, as_json, f"{name}@{alias} -> v{entry['version']}")
 
 
-LEDGER_EVENTS = ("deployed", "deploy_failed", "host_rolled_back", "host_disabled", "rollback_failed", "note")
+LEDGER_EVENTS = ("deployed", "deploy_failed", "host_rolled_back", "host_disabled", "note")
 
 
 @models.command("record")

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from mlpipe import artifact, hostdir
-from mlpipe.errors import Conflict, IntegrityError, Locked, MlpipeError, NotFound, NotReady, UsageError
+from mlpipe.errors import Conflict, IntegrityError, Locked, NotFound, NotReady, UsageError
 
 PENDING = ".deploy.json"
 FLEET_EVENTS = ("fleet_deployed", "fleet_rolled_back")
@@ -388,6 +388,3 @@ def may_drain(status: dict, server: str) -> bool:
     """Drain ``server`` only while another server of the backend stays up."""
     return any(n != server for n in status["up"])
 
-
-__all__ = ["acquire", "release", "read_lock", "fleet_state", "rollback_target", "host_status", "activate",
-           "deactivate", "finish", "lb_status", "may_drain", "Service", "MlpipeError"]
