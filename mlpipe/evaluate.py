@@ -190,10 +190,9 @@ def offline(reg, ref: str, source: str | None, gate: dict | None = None, against
     """
     require_onnx = require_onnx or require_onnx_from_env()
     name, version = reg.resolve(ref)
-    manifest = reg.manifest(name, version)
-    gate = gate if gate else (manifest.get("gate") or {})
     with tempfile.TemporaryDirectory() as tmp:
         path, manifest, _ = reg.pull(f"{name}:{version}", tmp)
+        gate = gate if gate else (manifest.get("gate") or {})
         ds, X, y, holdout = evaluation_data(manifest, path, source)
         metrics = _score_dir(path, manifest, _wanted_metrics(manifest.get("metrics"), gate), X, y, require_onnx)
     baseline, baseline_ref = _baseline(reg, name, version, against, gate, X, y, require_onnx)
