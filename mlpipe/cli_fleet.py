@@ -197,7 +197,8 @@ def fleet_finish(directory):
 @click.option("--socket", "sock", required=True, help="HAProxy's admin socket.")
 @click.option("--backend", required=True)
 @click.option("--server", default=None, help="Also say whether this server may be drained.")
-def fleet_lb_status(sock, backend, server):
+@click.option("--missing-ok", is_flag=True, help="Print null instead of failing when the socket does not exist (no balancer yet).")
+def fleet_lb_status(sock, backend, server, missing_ok):
     """HAProxy's view of a backend; with --server, whether draining it leaves another server up.
 
     \b
@@ -205,7 +206,10 @@ def fleet_lb_status(sock, backend, server):
       mlpipe fleet lb-status --socket /srv/mlpipe/run/haproxy.sock --backend mlpipe --server ms1
     """
     from mlpipe.fleet import lb_status, may_drain
-    st = lb_status(sock, backend)
+    st = lb_status(sock, backend, missing_ok=missing_ok)
+    if st is None:
+        _out(None)
+        return
     if server:
         st["server"] = server
         st["may_drain"] = may_drain(st, server)

@@ -355,8 +355,11 @@ def finish(directory: Path) -> bool:
 
 
 # --------------------------------------------------------------------------------------- balancer
-def lb_status(sock: str, backend: str, timeout: float = 5) -> dict:
-    """HAProxy's view of ``backend``: {server: {status, weight, up}} from ``show stat``."""
+def lb_status(sock: str, backend: str, timeout: float = 5, missing_ok: bool = False) -> dict | None:
+    """HAProxy's view of ``backend``: {server: {status, weight, scur, up}} from ``show stat``
+    (``scur``: requests in flight). With ``missing_ok``, None when there is no socket (no balancer yet)."""
+    if missing_ok and not Path(sock).exists():
+        return None
     if not Path(sock).exists():
         raise NotReady(f"the HAProxy admin socket {sock} does not exist", hint="run playbooks/site.yml to start the balancer")
     try:
@@ -377,7 +380,7 @@ def lb_status(sock: str, backend: str, timeout: float = 5) -> dict:
     for row in csv.DictReader(io.StringIO(text)):
         if row.get("pxname") == backend and row.get("svname") not in ("FRONTEND", "BACKEND"):
             status = row.get("status", "")
-            servers[row["svname"]] = {"status": status, "weight": row.get("weight"),
+            servers[row["svname"]] = {"status": status, "weight": row.get("weight"), "scur": int(row.get("scur") or 0),
                                       "up": status.startswith("UP") and "DRAIN" not in status}
     if not servers:
         raise NotFound(f"HAProxy on {sock} has no backend '{backend}' with servers", hint="check model_deploy_lb_backend")
