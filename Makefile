@@ -38,6 +38,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
+	# the Jupyter kernel papermill runs spec notebooks on (into the venv, not the user's ~/.local)
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (mlpipe)" >/dev/null
 	touch $@
 
 venv: $(VENV)/.installed

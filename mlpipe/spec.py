@@ -20,13 +20,29 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 # key -> (type, required) for each section; nested sections have their own table.
 _TOP = {"name": str, "description": str, "data": dict, "split": dict, "model": dict,
-        "metrics": list, "gate": dict}
+        "metrics": list, "gate": dict, "retrain": dict, "notebook": str}
 _DATA = {"source": str, "target": str, "features": list, "holdout": str}
 _SPLIT = {"test_size": (int, float), "random_state": int, "stratify": bool, "shuffle": bool}
 _MODEL = {"estimator": str, "params": dict, "steps": list, "onnx": bool}
 _STEP = {"estimator": str, "params": dict}
 _GATE = {"min": dict, "max": dict, "max_regression": dict, "max_p99_ms": (int, float)}
+_RETRAIN = {"schedule": str, "min_new_rows": int, "cooldown": (str, int), "promote": str, "deploy": bool}
 _REQUIRED_TOP = ("name", "data", "model")
+RETRAIN_DEFAULTS = {"schedule": "H H * * *", "min_new_rows": 1, "cooldown": "0s", "promote": "production",
+                    "deploy": False}
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value, where: str = "duration") -> int:
+    """'6h', '30m', '2d', '1w', '90s' or a number of seconds -> seconds."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = _DURATION_RE.match(str(value)) if isinstance(value, str) else None
+    if not m:
+        raise SpecError(f"{where} {value!r} is not a duration",
+                        hint="write a number with a unit: 90s, 30m, 6h, 2d or 1w")
+    return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
 @dataclass
@@ -38,6 +54,8 @@ class Spec:
     metrics: list = field(default_factory=list)
     gate: dict = field(default_factory=dict)
     description: str = ""
+    retrain: dict = field(default_factory=lambda: dict(RETRAIN_DEFAULTS))
+    notebook: str | None = None
     path: str = "<dict>"
     raw: dict = field(default_factory=dict)
 
@@ -170,9 +188,30 @@ def validate(raw: Any, path: str = "<dict>") -> Spec:
                                 hint=f"add {m} to 'metrics' or remove it from the gate")
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise SpecError(f"{path}: 'gate.{part}.{m}' must be a number, got {v!r}")
+    retrain = raw.get("retrain") or {}
+    _check_section("retrain", retrain, _RETRAIN, path)
+    retrain = {**RETRAIN_DEFAULTS, **{k: v for k, v in retrain.items() if v is not None}}
+    if retrain["min_new_rows"] < 0:
+        raise SpecError(f"{path}: 'retrain.min_new_rows' must be 0 or more, got {retrain['min_new_rows']}")
+    parse_duration(retrain["cooldown"], f"{path}: 'retrain.cooldown'")
+    from mlpipe.registry import ALIAS_RE
+    if not ALIAS_RE.match(retrain["promote"]):
+        raise SpecError(f"{path}: 'retrain.promote' {retrain['promote']!r} is not a valid alias name",
+                        hint="use lowercase letters, digits, '-' or '_', e.g. production")
+    from mlpipe.schedule import ScheduleError, expand
+    try:
+        expand(retrain["schedule"], raw["name"])
+    except ScheduleError as exc:
+        raise SpecError(f"{path}: 'retrain.schedule': {exc}",
+                        hint='five cron fields, H for a value derived from the model name, e.g. "H 3 * * *"') from None
+    notebook = raw.get("notebook") or None
+    if notebook is not None and not str(notebook).endswith(".ipynb"):
+        raise SpecError(f"{path}: 'notebook' {notebook!r} is not a Jupyter notebook",
+                        hint="name an .ipynb file, relative to the spec's folder or absolute")
     return Spec(name=raw["name"], data=dict(raw["data"]), model=dict(raw["model"]),
                 split=dict(raw.get("split") or {}), metrics=list(metrics), gate=dict(gate),
-                description=raw.get("description") or "", path=path, raw=copy.deepcopy(raw))
+                description=raw.get("description") or "", retrain=retrain, notebook=notebook,
+                path=path, raw=copy.deepcopy(raw))
 
 
 def load(path: str | Path) -> Spec:
@@ -193,4 +232,10 @@ def load(path: str | Path) -> Spec:
     spec.data["source"] = resolve_relative(spec.data["source"], p.parent)
     if spec.data.get("holdout"):
         spec.data["holdout"] = resolve_relative(spec.data["holdout"], p.parent)
+    if spec.notebook:
+        nb = Path(spec.notebook)
+        spec.notebook = str(nb if nb.is_absolute() else (p.parent / nb).resolve())
+        if not Path(spec.notebook).is_file():
+            raise SpecError(f"{path}: 'notebook' {nb} not found (looked for {spec.notebook})",
+                            hint="give the notebook's path relative to the spec's folder, or an absolute path")
     return spec
