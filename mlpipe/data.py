@@ -70,10 +70,17 @@ def resolve_relative(uri: str, base: Path) -> str:
     return uri
 
 
-def fingerprint(frame: pd.DataFrame) -> str:
+def row_hashes(frame: pd.DataFrame):
+    """One uint64 per row (pandas' hash of the row's values, index ignored): what the fingerprint is
+    made of, and what ``mlpipe retrain`` compares to count new rows."""
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+
+
+def fingerprint(frame: pd.DataFrame, hashes=None) -> str:
+    """sha256 of the column names, dtypes and every row's hash (pass ``hashes`` when you have them)."""
     h = hashlib.sha256()
     h.update(repr([(str(c), str(t)) for c, t in frame.dtypes.items()]).encode())
-    h.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
+    h.update((row_hashes(frame) if hashes is None else hashes).tobytes())
     return h.hexdigest()
 
 
