@@ -452,6 +452,10 @@ from mlpipe.cli_fleet import fleet  # noqa: E402  (registers on the group above)
 
 cli.add_command(fleet)
 
+from mlpipe.cli_retrain import retrain  # noqa: E402
+
+cli.add_command(retrain)
+
 
 def main(argv=None) -> None:
     try:
