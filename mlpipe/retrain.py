@@ -237,7 +237,8 @@ class Run:
         if event and not self.dry_run:
             ledger = {k: v for k, v in self.report.items() if k in (
                 "version", "champion", "new_rows", "rows", "fingerprint", "metrics", "champion_metrics",
-                "holdout", "checks", "deploy", "notebook", "trained", "alias")}
+                "holdout", "checks", "deploy", "notebook", "trained", "alias", "verdict")}
+            ledger.setdefault("version", self.report.get("champion"))  # a skip is about the champion
             try:
                 self.reg.record(self.name, event, reason=line, **ledger)
             except Exception as exc:  # the outcome stands; say the ledger missed it
@@ -318,8 +319,8 @@ class Run:
             tried = self._last_rejected_on(fp)
             if tried is not None:
                 return self._finish("skipped", f"retrain {name}: skipped — the data has not changed since challenger "
-                                    f"v{tried['version']} was rejected ({tried.get('reason', '')[:160]})",
-                                    "retrain_skipped")
+                                    f"v{tried['version']} was {tried.get('verdict') or 'rejected'} (retrain --force "
+                                    f"to try again)", "retrain_skipped")
         return self._challenge(ds, X, y, hashes, champ_v, champ, champ_rows, basis)
 
     def _new_rows(self, hashes, fp, champ_v, champ, champ_rows) -> tuple[int, str]:
@@ -373,8 +374,9 @@ class Run:
         from mlpipe import evaluate as ev
         name, spec, reg = self.name, self.spec, self.reg
         since = f" since v{champ_v}" if champ_v is not None else ""
-        seen = f"{self.report['new_rows']} new rows{since} ({len(hashes)} rows, fingerprint {self.report['fingerprint'][:12]})"
-        self.log(f"retrain {name}: training a challenger on {data.redact_source(spec.data['source'])}: {seen}")
+        seen = (f"{data.redact_source(spec.data['source'])}, {self.report['new_rows']} new rows{since} "
+                f"({len(hashes)} rows, fingerprint {self.report['fingerprint'][:12]})")
+        self.log(f"retrain {name}: training a challenger on {seen}")
         with tempfile.TemporaryDirectory(prefix="mlpipe-retrain-") as tmp:
             tmp = Path(tmp)
             manifest = train_mod.train(spec, tmp, dataset=(ds, X, y))
@@ -401,7 +403,7 @@ class Run:
             verdict = "passed" if passed else "rejected: " + "; ".join(failures)
             message = f"retrain: {seen}; challenger {scores} {where} → {verdict}"
             self.report.update(metrics=ours, champion_metrics=theirs, holdout=holdout, checks=checks,
-                               passed=passed, trained=True, champion_error=champ_error)
+                               passed=passed, trained=True, champion_error=champ_error, verdict=verdict)
             m = artifact.read_manifest(tmp)
             m["retrain"] = {"champion": champ_v, "alias": self.alias, "new_rows": self.report["new_rows"],
                             "holdout": holdout, "metrics": ours, "champion_metrics": theirs, "checks": checks,
