@@ -83,12 +83,15 @@ def retrain(spec_path, force, dry_run, break_lock, project, inventory, no_notebo
         click.echo(json.dumps(out, indent=2, sort_keys=True, default=str) if as_json else text)
         return
     old = signal.signal(signal.SIGTERM, _terminate)
+    run = rt.Run(spec, reg, force=force, dry_run=dry_run, break_lock=break_lock, project=project,
+                 inventory=inventory, notebook=not no_notebook, log=log)
     try:
-        report = rt.retrain(spec, reg, force=force, dry_run=dry_run, break_lock=break_lock, project=project,
-                            inventory=inventory, notebook=not no_notebook, log=log)
+        report = run.run()
     except KeyboardInterrupt:
-        if not dry_run:
+        if not dry_run and not run.report.get("outcome"):  # an interrupted deploy has recorded its outcome
             rt.failed(reg, spec.name, RuntimeError("interrupted"), log)
+        if run.report.get("summary"):
+            log(run.report["summary"])
         raise
     except Exception as exc:
         if not dry_run and not isinstance(exc, rt.Locked):

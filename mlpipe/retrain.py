@@ -172,7 +172,8 @@ def load_rows(reg, name: str, version: int) -> dict | None:
 
 # ------------------------------------------------------------------------------------------ deploy
 def deploy(name: str, version: int, project: str | None, inventory: str | None, log: Callable[[str], None],
-           timeout: float | None = None, extravars: dict | None = None) -> dict:
+           timeout: float | None = None, extravars: dict | None = None,
+           cancelled: Callable[[], bool] | None = None) -> dict:
     """Run playbooks/deploy.yml of ``project`` through ansible-runner; every event's output goes to ``log``."""
     try:
         import ansible_runner
@@ -205,7 +206,8 @@ def deploy(name: str, version: int, project: str | None, inventory: str | None, 
     with tempfile.TemporaryDirectory(prefix="mlpipe-deploy-") as pdd:
         kwargs = dict(private_data_dir=pdd, project_dir=project, playbook="playbooks/deploy.yml",
                       extravars={"model": name, "version": int(version), **(extravars or {})}, envvars=env,
-                      event_handler=on_event, quiet=True, timeout=int(timeout))
+                      event_handler=on_event, quiet=True, timeout=int(timeout),
+                      cancel_callback=cancelled or (lambda: False))
         if inventory:
             kwargs["inventory"] = str(Path(inventory).resolve()) if Path(inventory).exists() else inventory
         t0 = time.perf_counter()
@@ -467,18 +469,31 @@ class Run:
         return text
 
     def _deploy(self, n: int, champ_v, promoted: str, nb_failed) -> dict:
+        import signal
+        import threading
         from mlpipe import fleet
         name, reg = self.name, self.reg
+        stop: list[int] = []
+        # a SIGTERM/SIGINT during the deploy stops ansible-playbook through ansible-runner (not this
+        # process alone, which would leave the playbook running on without us)
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
         try:
-            result = deploy(name, n, self.project, self.inventory, self.log)
-        except KeyboardInterrupt:
-            self._put_alias_back(n, champ_v, f"retrain: the deploy of v{n} was interrupted")
-            self._finish("deploy_failed", f"retrain {name}: the deploy of v{n} was interrupted; {self.alias} is back "
-                         f"on v{champ_v} (finish or undo the fleet with playbooks/deploy.yml or rollback.yml "
-                         f"-e break_lock=true)", "retrain_deploy_failed")
-            raise
+            result = deploy(name, n, self.project, self.inventory, self.log, cancelled=lambda: bool(stop))
         except MlpipeError as exc:
             result = {"status": "error", "rc": None, "error": str(exc), "failed_hosts": [], "hosts": []}
+        finally:
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
+        if stop or result.get("status") == "canceled":
+            back = self._put_alias_back(n, champ_v, f"retrain: the deploy of v{n} was interrupted")
+            self.report["deploy"] = result
+            self._finish("deploy_failed", f"retrain {name}: the deploy of v{n} was interrupted (signal "
+                         f"{stop[0] if stop else '?'}); {back}; finish or undo the fleet with playbooks/deploy.yml "
+                         f"or rollback.yml -e break_lock=true", "retrain_deploy_failed")
+            raise KeyboardInterrupt("deploy interrupted")
         try:
             state = fleet.fleet_state(reg, name)
             live = state.get("live")
