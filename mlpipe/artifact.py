@@ -119,6 +119,43 @@ def write_dir(dest: Path, model: Any, manifest: dict, extra_files: dict[str, byt
     return manifest
 
 
+def write_manifest(directory: Path, manifest: dict) -> dict:
+    """Write ``manifest.json`` in ``directory`` (atomically), with its id recomputed from name, files, created."""
+    manifest = dict(manifest)
+    manifest["id"] = content_id(manifest["name"], manifest["files"], manifest["created"])
+    path = Path(directory) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, path)
+    return manifest
+
+
+def add_file(directory: Path, fname: str, data: bytes | None = None, fields: dict | None = None) -> dict:
+    """Add one file to an unregistered artifact folder and list it in its manifest (sha256, size; the id
+    recomputed exactly as :func:`write_dir` does, so :func:`verify_dir` passes). ``data`` None: the file is
+    already in the folder (e.g. written by another program). ``fields``: top-level manifest keys to set too.
+    Returns the new manifest."""
+    directory = Path(directory)
+    check_file_name(fname, f"the artifact in {directory}")
+    manifest = read_manifest(directory)
+    check_files(manifest, f"the manifest in {directory}")
+    path = directory / fname
+    if data is not None:
+        path.write_bytes(data)
+    elif not path.is_file():
+        raise NotFound(f"{path} does not exist", hint="write the file first, or pass its bytes")
+    manifest["files"] = {**manifest["files"], fname: {"sha256": sha256_file(path), "size": path.stat().st_size}}
+    manifest.update(fields or {})
+    return write_manifest(directory, manifest)
+
+
+def update_manifest(directory: Path, fields: dict) -> dict:
+    """Set top-level keys in an unregistered artifact's manifest (its files, hence its id, unchanged)."""
+    manifest = read_manifest(directory)
+    manifest.update(fields)
+    return write_manifest(directory, manifest)
+
+
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():

@@ -74,6 +74,9 @@ def _show_text(m: dict, aliases: list[str]) -> str:
     if holdout:
         sampled = f", sampled from {holdout['sampled_from_rows']}" if holdout.get("sampled_from_rows") else ""
         lines.append(f"Holdout: {holdout['file']} ({holdout['rows']} rows{sampled}, from {holdout['source']})")
+    if m.get("notebook"):
+        from mlpipe.notebook import describe
+        lines.append(f"Notebook: {describe(m['notebook'])}")
     if aliases:
         lines.append(f"Aliases: {', '.join(aliases)}")
     if m.get("message"):
@@ -100,14 +103,20 @@ def cli():
 @click.option("-m", "--message", default="", help="Why this version exists (shown by models log).")
 @click.option("--data", "data_source", default=None, help="Override the spec's data.source.")
 @click.option("--no-onnx", is_flag=True, help="Do not try to compile the model to ONNX.")
+@click.option("--no-notebook", is_flag=True, help="Do not run the spec's notebook.")
 @_common
-def train(spec_path, message, data_source, no_onnx, as_json, registry, cache):
+def train(spec_path, message, data_source, no_onnx, no_notebook, as_json, registry, cache):
     """Train the model a pipeline spec describes and register it as the next version.
+
+    When the spec names a notebook, it runs (papermill) once the version number is known and its
+    executed copy is stored with the version as notebook.ipynb. A failing notebook does not stop
+    the registration: the version is kept, the ledger says notebook_failed, and the exit code is 13.
 
     \b
     Example:
       mlpipe train examples/credit-risk.yml -m "Updated model with August data"
     """
+    from mlpipe import notebook
     from mlpipe import spec as spec_mod
     from mlpipe import train as train_mod
     spec = spec_mod.load(spec_path)
@@ -116,9 +125,17 @@ def train(spec_path, message, data_source, no_onnx, as_json, registry, cache):
     reg = _registry(registry, cache)
     with tempfile.TemporaryDirectory(prefix="mlpipe-train-") as tmp:
         train_mod.train(spec, Path(tmp), message=message, onnx=False if no_onnx else None)
-        manifest = reg.register(Path(tmp))
+        manifest = reg.register(Path(tmp), prepare=notebook.preparer(spec, Path(tmp), enabled=not no_notebook))
+    status = notebook.record_outcome(reg, manifest)
     metrics = " ".join(f"{k}={v:.4f}" for k, v in manifest["metrics"].items())
-    _emit(manifest, as_json, f"registered {manifest['name']}:{manifest['version']} (id {manifest['id']}) {metrics}")
+    text = f"registered {manifest['name']}:{manifest['version']} (id {manifest['id']}) {metrics}"
+    if status == "ok":
+        text += f"\nnotebook: {notebook.describe(manifest['notebook'])}"
+    _emit(manifest, as_json, text)
+    if status == "failed":
+        click.echo(f"error: {manifest['name']}:{manifest['version']} is registered, but its {manifest['notebook']['error']}",
+                   err=True)
+        sys.exit(notebook.EXIT_FAILED)
 
 
 @cli.group()
@@ -287,15 +304,29 @@ def models_record(ref, event, host, reason, details, as_json, registry, cache):
 @click.option("--activate", is_flag=True, help="Also switch the 'current' symlink to this version (atomically).")
 @click.option("--keep", default=3, show_default=True, help="With --activate: version folders to keep.")
 @click.option("--set-previous", type=int, default=None, help="With --activate: point 'previous' at this version (rollbacks).")
+@click.option("--file", "fname", default=None, metavar="NAME",
+              help="Only this file of the version (e.g. notebook.ipynb), verified, written to DEST/NAME.")
 @_common
-def models_pull(ref, dest, activate, keep, set_previous, as_json, registry, cache):
-    """Copy a version, verified by sha256, into DEST/<N>/.
+def models_pull(ref, dest, activate, keep, set_previous, fname, as_json, registry, cache):
+    """Copy a version, verified by sha256, into DEST/<N>/ (or one of its files into DEST/NAME).
 
     \b
     Example:
       mlpipe models pull credit-risk@production --dest /srv/models/credit-risk --activate
+      mlpipe models pull credit-risk:5 --file notebook.ipynb --dest .
     """
     reg = _registry(registry, cache)
+    if fname is not None:
+        if activate or set_previous is not None:
+            from mlpipe.errors import UsageError
+            raise UsageError("--file pulls one file; --activate and --set-previous need the whole version",
+                             hint="drop --file to pull the version folder")
+        path, manifest = reg.pull_file(ref, fname, dest)
+        meta = manifest["files"].get(fname) or {}
+        out = {"path": str(path), "name": manifest["name"], "version": manifest["version"], "id": manifest["id"],
+               "file": fname, "sha256": meta.get("sha256"), "size": meta.get("size")}
+        _emit(out, as_json, f"{manifest['name']}:{manifest['version']} {fname} -> {path}")
+        return
     path, manifest, changed = reg.pull(ref, dest)
     out = {"path": str(path), "name": manifest["name"], "version": manifest["version"], "id": manifest["id"], "changed": changed}
     if activate:

@@ -27,7 +27,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from mlpipe import artifact
 from mlpipe.errors import Conflict, IntegrityError, NotFound, RegistryError, UsageError
@@ -488,15 +488,27 @@ class Registry:
                 n += 1
         raise RegistryError(f"could not allocate a version number for '{name}'")  # pragma: no cover
 
-    def register(self, workdir: Path, message: str | None = None) -> dict:
-        """Upload an unregistered artifact folder as the next version. Returns its manifest."""
+    def register(self, workdir: Path, message: str | None = None,
+                 prepare: Callable[[int], object] | None = None) -> dict:
+        """Upload an unregistered artifact folder as the next version. Returns its manifest.
+
+        ``prepare(n)``, when given, runs right after the version number ``n`` is claimed and before
+        anything is uploaded (e.g. a notebook that adds its output to ``workdir`` and the manifest);
+        the manifest is then read and verified again. If it raises, nothing is uploaded (the number
+        stays claimed, unused) and the exception propagates."""
         workdir = Path(workdir)
         manifest = artifact.verify_dir(workdir)  # also checks every listed file name
         name = check_name(manifest.get("name"))
+        n = self._claim(name)
+        if prepare is not None:
+            prepare(n)
+            manifest = artifact.verify_dir(workdir)
+            if manifest.get("name") != name:
+                raise IntegrityError(f"preparing {name}:{n} renamed the artifact in {workdir} to {manifest.get('name')!r}",
+                                     hint="prepare may add files to the artifact, never change its name")
         manifest = mask_source(manifest)  # a sql: URL's password never reaches the registry
         if message is not None:
             manifest["message"] = message
-        n = self._claim(name)
         manifest["version"] = n
         uploaded = []
         try:
@@ -577,6 +589,47 @@ class Registry:
                     hint="the artifact was tampered with or corrupted; it will not be loaded. Register a new version")
             blobs[fname] = data
         return manifest, blobs
+
+    def pull_file(self, ref: str, fname: str, dest: str | Path) -> tuple[Path, dict]:
+        """Copy one file of a version, verified by sha256 against its manifest, to ``dest/fname``
+        (replaced atomically). Returns (path, manifest). NotFound names the version's files when
+        ``fname`` is not one of them."""
+        name, version = self.resolve(ref)
+        manifest = self.manifest(name, version)
+        where = f"the manifest of {name}:{version} in {self.url}"
+        if manifest.get("name") != name or manifest.get("version") != version:
+            raise IntegrityError(f"{where} names {manifest.get('name')!r} version {manifest.get('version')!r}",
+                                 hint="the registry was tampered with or corrupted; it will not be loaded")
+        files = artifact.check_files(manifest, where)
+        if fname == artifact.MANIFEST:
+            data = json.dumps(manifest, indent=2).encode()
+        elif fname not in files:
+            listed = ", ".join(sorted(files) + [artifact.MANIFEST])
+            raise NotFound(f"{name}:{version} has no file {fname!r}", hint=f"its files are: {listed}")
+        else:
+            try:
+                data = self.store.get_verified(f"{name}/versions/{version}/{fname}", files[fname]["sha256"])
+            except KeyError:
+                raise IntegrityError(f"{name}:{version} is missing {fname} in {self.url}") from None
+        digest = artifact.sha256_bytes(data)
+        if fname != artifact.MANIFEST and digest != files[fname]["sha256"]:
+            raise IntegrityError(
+                f"{name}:{version} {fname} in {self.url} does not match its manifest "
+                f"(sha256 {digest[:12]}…, expected {files[fname]['sha256'][:12]}…)",
+                hint="the artifact was tampered with or corrupted; it will not be written. Register a new version")
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".pull-{fname}-", dir=dest)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest / fname)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return dest / fname, manifest
 
     def pull(self, ref: str, dest: str | Path) -> tuple[Path, dict, bool]:
         """Copy a verified version into ``dest/<N>/``. Returns (path, manifest, changed)."""
