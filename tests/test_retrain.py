@@ -258,3 +258,23 @@ def test_errors_are_outcomes_too(model, tmp_path):
         bad.write_text(yaml.safe_dump({**model.spec, "retrain": retrain}))
         r = model.run("retrain", str(bad))
         assert r.returncode == 3 and complaint in r.stderr, r.stderr
+
+
+def test_a_failing_notebook_keeps_the_version_and_says_so(model, tmp_path):
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("model = ''; version = 0", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("raise RuntimeError(f'report for {model} v{version} broke')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(tmp_path / "report.ipynb"))
+    model.spec["notebook"] = "report.ipynb"
+    model.write_spec()
+    r = model.retrain()
+    assert r.returncode == 13, r.stdout + r.stderr
+    assert "→ promoted to production (notebook failed:" in r.stdout
+    assert model.alias() == 1  # the gate passed: the version is promoted; only its report failed
+    m = model.registry_().manifest("churn", 1)
+    assert m["notebook"]["status"] == "failed" and "notebook.ipynb" in m["files"]
+    failed = model.events("notebook_failed")
+    assert failed and failed[0]["version"] == 1 and "report for churn v1 broke" in failed[0]["reason"]
+    assert model.events("retrain_promoted")[0]["notebook"]["status"] == "failed"
