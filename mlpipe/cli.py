@@ -227,7 +227,7 @@ def models_history(name, as_json, registry, cache):
         alias = f" @{e['alias']}" if e.get("alias") else ""
         prev = f" (was v{e['previous']})" if e.get("previous") not in (None, "") else ""
         why = e.get("reason") or e.get("message") or ""
-        lines.append(f"{e['at'][:19].replace('T', ' ')}  {e['event']:<12} v{e.get('version', '?')}{alias}{where}{prev}"
+        lines.append(f"{e['at'][:19].replace('T', ' ')}  {e['event']:<16} v{e.get('version', '?')}{alias}{where}{prev}"
                      f"  by {e.get('by', '?')}{('  ' + why) if why else ''}")
     _emit(events, as_json, "\n".join(lines) if lines else f"no events for {name}")
 
