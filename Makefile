@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH):/usr/sbin
-APT_PACKAGES := redis-server haproxy openssh-server openssh-client cron wrk supervisor systemd python3-venv
+APT_PACKAGES := redis-server haproxy openssh-server openssh-client cron logrotate wrk supervisor systemd python3-venv
 DEMO ?= .demo
 PYTEST_ARGS ?=
 # test files run side by side (pytest-xdist, one worker per file): each e2e module has its own fleet
@@ -21,9 +21,10 @@ help:
 	@echo "make bench  run the benchmarks (ratios, side by side)"
 
 # Debian packages the real servers in the tests come from; installed only when missing. systemd only
-# for systemd-analyze (the unit test; nothing is started); python3-venv for mlpipe_common's molecule venv.
+# for systemd-analyze (the unit test; nothing is started); python3-venv for mlpipe_common's molecule venv;
+# logrotate for retrain_cron (its molecule checks the rule with logrotate -d).
 deps:
-	@missing=""; for c in redis-server haproxy sshd ssh-keygen crontab wrk supervisord systemd-analyze; do \
+	@missing=""; for c in redis-server haproxy sshd ssh-keygen crontab logrotate wrk supervisord systemd-analyze; do \
 	  command -v $$c >/dev/null 2>&1 || [ -x /usr/sbin/$$c ] || missing="$$missing $$c"; done; \
 	/usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
