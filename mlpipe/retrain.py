@@ -194,6 +194,9 @@ def deploy(name: str, version: int, project: str | None, inventory: str | None, 
     bindir = str(Path(sys.executable).parent)
     env = {"PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}", "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_FORCE_COLOR": "0", "PYTHONUNBUFFERED": "1"}
+    # Ansible expands its default ~/.ansible/tmp with the user's passwd home, which for a service user
+    # such as mlpipe is /nonexistent; $HOME (cron's, the retrain_cron role's) is what the job has
+    env["ANSIBLE_REMOTE_TMP"] = os.environ.get("ANSIBLE_REMOTE_TMP") or "$HOME/.ansible/tmp"
     if (Path(project) / "ansible.cfg").is_file():
         env["ANSIBLE_CONFIG"] = str(Path(project) / "ansible.cfg")
 
@@ -321,7 +324,7 @@ class Run:
             tried = self._last_rejected_on(fp)
             if tried is not None:
                 return self._finish("skipped", f"retrain {name}: skipped — the data has not changed since challenger "
-                                    f"v{tried['version']} was {tried.get('verdict') or 'rejected'} (retrain --force "
+                                    f"v{tried['version']} was {tried['why']} (retrain --force "
                                     f"to try again)", "retrain_skipped")
         return self._challenge(ds, X, y, hashes, champ_v, champ, champ_rows, basis)
 
@@ -343,10 +346,11 @@ class Run:
         except Exception:
             return None
         for e in reversed(events):
-            if e.get("event") in ("retrain_promoted", "retrain_deploy_failed"):
+            if e.get("event") == "retrain_promoted":
                 return None
-            if e.get("event") == "retrain_rejected" and e.get("fingerprint") == fp:
-                return e
+            if e.get("event") in ("retrain_rejected", "retrain_deploy_failed") and e.get("fingerprint") == fp:
+                why = "rejected" if e["event"] == "retrain_rejected" else "not deployed (its deploy failed)"
+                return {**e, "why": why}
         return None
 
     def _holdout(self, X, y, split: dict, champ_rows, hashes):

@@ -240,6 +240,9 @@ def test_a_failed_deploy_puts_the_alias_back(model, tmp_path):
     ev = model.events("retrain_deploy_failed")[-1]
     assert ev["version"] == 3 and ev["deploy"]["rc"] != 0
     assert model.registry_().versions("churn") == [1, 2, 3]
+    # the next run does not retrain the same data again (a version a night otherwise)
+    r = model.retrain(env={"MLPIPE_DEPLOY_PROJECT": str(project), "MLPIPE_DEPLOY_INVENTORY": str(project / "inventory")})
+    assert r.returncode == 0 and "since challenger v3 was not deployed (its deploy failed)" in r.stdout, r.stdout
 
 
 def test_errors_are_outcomes_too(model, tmp_path):
