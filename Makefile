@@ -60,6 +60,10 @@ demo: deps venv
 	$(BIN)/ansible-playbook playbooks/deploy.yml -e model=credit-risk -e version=@production | tail -6; \
 	echo; echo '$$ mlpipe evaluate --endpoint http://127.0.0.11:8000 --model credit-risk --expect-version 2 --min accuracy=0.85   # on its stored holdout'; \
 	$(BIN)/mlpipe evaluate --endpoint http://127.0.0.11:8000 --model credit-risk --expect-version 2 --min accuracy=0.85; \
+	echo; echo '$$ mlpipe retrain examples/credit-risk.yml   # what cron runs (ansible-playbook playbooks/retrain.yml installs it)'; \
+	$(BIN)/mlpipe retrain examples/credit-risk.yml; \
+	echo; echo '$$ mlpipe retrain examples/credit-risk.yml --force --dry-run   # exit 10: would be promoted'; \
+	$(BIN)/mlpipe retrain examples/credit-risk.yml --force --dry-run || test $$? = 10; \
 	echo; echo '$$ mlpipe models history credit-risk'; $(BIN)/mlpipe models history credit-risk; \
 	body=$$($(BIN)/python -c 'import json; from sklearn.datasets import load_breast_cancer as l; f=l(as_frame=True).frame; c=[x for x in f.columns if x!="target"]; print(json.dumps({"dataframe_split": {"columns": c, "data": f[c].head(2).values.tolist()}}))'); \
 	echo; echo "The fleet is up: three hosts behind HAProxy. Try:"; \

@@ -405,7 +405,7 @@ class Run:
             passed = all(c["passed"] for c in checks)
             scores = self._scores(ours, theirs, champ_v)
             where = f"on the same holdout ({holdout['rows']} rows{'' if holdout['fresh'] else ', ' + (holdout.get('note') or '')})"
-            failures = ev.describe_failures({"checks": checks})
+            failures = ev.describe_failures({"checks": checks, "baseline": f"champion v{champ_v}"})
             verdict = "passed" if passed else "rejected: " + "; ".join(failures)
             message = f"retrain: {seen}; challenger {scores} {where} → {verdict}"
             self.report.update(metrics=ours, champion_metrics=theirs, holdout=holdout, checks=checks,
