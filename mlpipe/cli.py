@@ -123,9 +123,12 @@ def train(spec_path, message, data_source, no_onnx, no_notebook, as_json, regist
     if data_source:
         spec.data["source"] = data_source
     reg = _registry(registry, cache)
+    from mlpipe.retrain import keep_rows, load_dataset
+    ds, X, y = load_dataset(spec)
     with tempfile.TemporaryDirectory(prefix="mlpipe-train-") as tmp:
-        train_mod.train(spec, Path(tmp), message=message, onnx=False if no_onnx else None)
+        train_mod.train(spec, Path(tmp), message=message, onnx=False if no_onnx else None, dataset=(ds, X, y))
         manifest = reg.register(Path(tmp), prepare=notebook.preparer(spec, Path(tmp), enabled=not no_notebook))
+    keep_rows(reg, manifest, ds, X, y, log=lambda line: click.echo(line, err=True))  # what mlpipe retrain compares to
     status = notebook.record_outcome(reg, manifest)
     metrics = " ".join(f"{k}={v:.4f}" for k, v in manifest["metrics"].items())
     text = f"registered {manifest['name']}:{manifest['version']} (id {manifest['id']}) {metrics}"

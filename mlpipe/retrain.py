@@ -170,6 +170,27 @@ def load_rows(reg, name: str, version: int) -> dict | None:
         return {"seen": z["seen"], "train": z["train"]}
 
 
+def load_dataset(spec: Spec):
+    """The spec's data with a fresh 0..n-1 index (row positions = index labels), X and y."""
+    ds = data.load(spec.data["source"])
+    ds.frame = ds.frame.reset_index(drop=True)
+    X, y = data.split_xy(ds, spec.data["target"], spec.data.get("features"))
+    return ds, X, y
+
+
+def keep_rows(reg, manifest: dict, ds, X, y, hashes=None, log: Callable[[str], None] = print) -> None:
+    """Save the row hashes a registered version saw and trained on; a failure only warns (the next
+    retrain then counts new rows from row counts)."""
+    name, n = manifest["name"], manifest["version"]
+    try:
+        hashes = data.row_hashes(ds.frame) if hashes is None else hashes
+        X_train = train_mod.split_with(manifest["split"], X, y, ds.source)[0]
+        save_rows(reg, name, n, hashes, hashes[X_train.index.to_numpy()])
+    except Exception as exc:
+        log(f"warning: could not keep the row hashes of {name}:{n} (the next retrain counts new rows from row "
+            f"counts): {exc}")
+
+
 # ------------------------------------------------------------------------------------------ deploy
 def deploy(name: str, version: int, project: str | None, inventory: str | None, log: Callable[[str], None],
            timeout: float | None = None, extravars: dict | None = None,
@@ -301,9 +322,7 @@ class Run:
         why = self._cooldown()
         if why:
             return self._finish("skipped", f"retrain {name}: skipped — {why}", "retrain_skipped")
-        ds = data.load(spec.data["source"])
-        ds.frame = ds.frame.reset_index(drop=True)
-        X, y = data.split_xy(ds, spec.data["target"], spec.data.get("features"))
+        ds, X, y = load_dataset(spec)
         hashes = data.row_hashes(ds.frame)
         fp = data.fingerprint(ds.frame, hashes)
         self.report.update(rows=int(len(ds.frame)), fingerprint=fp, source=ds.source)
@@ -360,21 +379,20 @@ class Run:
         if spec.data.get("holdout"):
             hds = data.load(spec.data["holdout"])
             hX, hy = data.split_xy(hds, spec.data["target"], list(X.columns))
-            return hX, hy, {"source": hds.source, "rows": int(len(hX)), "fresh": True}, None
-        Xtr, Xte, ytr, yte = train_mod.split_with(split, X, y, spec.data["source"])
-        train_idx = Xtr.index.to_numpy()
+            return hX, hy, {"source": hds.source, "rows": int(len(hX)), "fresh": True}
+        _, Xte, _, yte = train_mod.split_with(split, X, y, spec.data["source"])
         note = None
         if champ_rows is not None:
             keep = ~np.isin(hashes[Xte.index.to_numpy()], champ_rows["train"])
             if int(keep.sum()) >= MIN_FRESH_ROWS:
                 info = {"source": "test split, without the rows the champion trained on", "rows": int(keep.sum()),
                         "fresh": True, "dropped": int((~keep).sum())}
-                return Xte[keep], yte[keep], info, train_idx
+                return Xte[keep], yte[keep], info
             note = f"only {int(keep.sum())} test rows are new to the champion: scored on the whole test split"
         elif self.report.get("champion") is not None:
             note = "the champion has no row hashes: some test rows may be rows it trained on"
         info = {"source": "test split", "rows": int(len(Xte)), "fresh": note is None, "note": note}
-        return pd.DataFrame(Xte), yte, info, train_idx
+        return pd.DataFrame(Xte), yte, info
 
     def _challenge(self, ds, X, y, hashes, champ_v, champ, champ_rows, basis) -> dict:
         from mlpipe import evaluate as ev
@@ -386,7 +404,7 @@ class Run:
         with tempfile.TemporaryDirectory(prefix="mlpipe-retrain-") as tmp:
             tmp = Path(tmp)
             manifest = train_mod.train(spec, tmp, dataset=(ds, X, y))
-            hX, hy, holdout, train_idx = self._holdout(X, y, manifest["split"], champ_rows, hashes)
+            hX, hy, holdout = self._holdout(X, y, manifest["split"], champ_rows, hashes)
             metric_names = ev._wanted_metrics(spec.metrics, spec.gate)
             require_onnx = ev.require_onnx_from_env()
             ours = ev._score_dir(tmp, manifest, metric_names, hX, hy, require_onnx)
@@ -429,13 +447,7 @@ class Run:
             registered = reg.register(tmp, message, **({"prepare": prepare} if prepare else {}))
         n = registered["version"]
         self.report["version"] = n
-        try:
-            seen_rows = hashes
-            trained_rows = hashes[train_idx] if train_idx is not None else hashes
-            save_rows(reg, name, n, seen_rows, trained_rows)
-        except Exception as exc:
-            self.log(f"warning: could not keep the row hashes of v{n} (the next retrain counts new rows from row "
-                     f"counts): {exc}")
+        keep_rows(reg, registered, ds, X, y, hashes, self.log)
         nb_failed = None
         if registered.get("notebook"):
             from mlpipe import notebook as nb_mod

@@ -281,3 +281,19 @@ def test_a_failing_notebook_keeps_the_version_and_says_so(model, tmp_path):
     failed = model.events("notebook_failed")
     assert failed and failed[0]["version"] == 1 and "report for churn v1 broke" in failed[0]["reason"]
     assert model.events("retrain_promoted")[0]["notebook"]["status"] == "failed"
+
+
+def test_a_champion_from_mlpipe_train_is_compared_row_by_row(model):
+    assert model.run("train", str(model.spec_path)).returncode == 0
+    assert model.run("models", "promote", "churn:1", "--alias", "production").returncode == 0
+    assert (model.registry / "churn" / "datasets" / "1.npz").is_file()
+    # rewrite the file with the same rows in another order plus 250 new ones: 250 new rows, not 1750
+    old = pd.read_csv(model.csv).sample(frac=1.0, random_state=4)
+    model.append(250)
+    new = pd.read_csv(model.csv).iloc[-250:]
+    pd.concat([new, old]).to_csv(model.csv, index=False)
+    r = model.retrain("--json")
+    assert r.returncode == 10, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["new_rows"] == 250 and report["champion"] == 1
+    assert report["holdout"]["fresh"] and "without the rows the champion trained on" in report["holdout"]["source"]
