@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 
 from mlpipe import artifact, data, train as train_mod
-from mlpipe.errors import RETRAIN_EXIT, Conflict, Locked, MlpipeError, NotFound, UsageError
+from mlpipe.errors import RETRAIN_EXIT, Conflict, DataError, Locked, MlpipeError, NotFound, UsageError
 from mlpipe.spec import Spec, parse_duration
 
 MIN_FRESH_ROWS = 30          # a fresh holdout smaller than this falls back to the whole test split
@@ -96,6 +96,16 @@ def resume(reg, name: str, reason: str = "") -> bool:
     return True
 
 
+def _started(pid) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22) with the boot id."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
 def _pid_alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -109,7 +119,8 @@ def _pid_alive(pid) -> bool:
 def acquire(reg, name: str, run: str, break_lock: bool = False) -> dict | None:
     """Take the model's retrain lock. Returns the lock it replaced (a dead run's), if any."""
     from mlpipe.registry import whoami
-    entry = {"run": run, "by": whoami(), "host": socket.gethostname(), "pid": os.getpid(), "since": artifact.utcnow()}
+    entry = {"run": run, "by": whoami(), "host": socket.gethostname(), "pid": os.getpid(), "since": artifact.utcnow(),
+             "started": _started(os.getpid())}
     body = json.dumps(entry, sort_keys=True).encode()
     try:
         reg.store.put(_key(name, "LOCK"), body, exclusive=True)
@@ -119,7 +130,13 @@ def acquire(reg, name: str, run: str, break_lock: bool = False) -> dict | None:
             held = reg.store.get_json(_key(name, "LOCK"))
         except KeyError:  # released in between: try once more
             held = {}
-    dead = held.get("host") == socket.gethostname() and not _pid_alive(held.get("pid"))
+    here = held.get("host") == socket.gethostname()
+    dead = here and (not _pid_alive(held.get("pid")) or (
+        held.get("started") is not None and _started(held.get("pid")) != held.get("started")))
+    if here and not dead and held:
+        raise Locked(f"retrain of {name} is running on this host (pid {held.get('pid')}, by {held.get('by', '?')}, since "
+                     f"{str(held.get('since', '?'))[:19].replace('T', ' ')} UTC)",
+                     hint="wait for it to finish; --break-lock only takes over a run that died on another host")
     if held and not (dead or break_lock):
         raise Locked(f"retrain of {name} is locked by {held.get('by', '?')} (pid {held.get('pid', '?')} on "
                      f"{held.get('host', '?')}) since {str(held.get('since', '?'))[:19].replace('T', ' ')} UTC",
@@ -166,8 +183,18 @@ def load_rows(reg, name: str, version: int) -> dict | None:
         raw = reg.store.get(_rows_key(name, version))
     except KeyError:
         return None
-    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-        return {"seen": z["seen"], "train": z["train"]}
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            return {"seen": z["seen"], "train": z["train"]}
+    except Exception:  # unreadable: count new rows from row counts, as for versions from before row hashes
+        return None
+
+
+def model_rows(X, y):
+    """One hash per row over the columns the model uses (features + target, in name order)."""
+    import pandas as pd
+    frame = pd.concat([X, y], axis=1)
+    return data.row_hashes(frame[sorted(frame.columns, key=str)])
 
 
 def load_dataset(spec: Spec):
@@ -183,7 +210,7 @@ def keep_rows(reg, manifest: dict, ds, X, y, hashes=None, log: Callable[[str], N
     retrain then counts new rows from row counts)."""
     name, n = manifest["name"], manifest["version"]
     try:
-        hashes = data.row_hashes(ds.frame) if hashes is None else hashes
+        hashes = model_rows(X, y) if hashes is None else hashes
         X_train = train_mod.split_with(manifest["split"], X, y, ds.source)[0]
         save_rows(reg, name, n, hashes, hashes[X_train.index.to_numpy()])
     except Exception as exc:
@@ -242,6 +269,23 @@ def deploy(name: str, version: int, project: str | None, inventory: str | None, 
             "failed_hosts": failed_hosts, "hosts": sorted(set().union(*[set(v) for v in stats.values()])) if stats else []}
 
 
+def _defer_signals(stop: list) -> dict:
+    """SIGTERM/SIGINT only append to ``stop`` (main thread only); returns what to restore."""
+    import signal
+    import threading
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
+    return handlers
+
+
+def _restore_signals(handlers: dict) -> None:
+    import signal
+    for sig, old in handlers.items():
+        signal.signal(sig, old)
+
+
 # ------------------------------------------------------------------------------------------ retrain
 class Run:
     """One retrain of one model. ``run()`` returns the report; every outcome is in the ledger."""
@@ -263,7 +307,7 @@ class Run:
         if event and not self.dry_run:
             ledger = {k: v for k, v in self.report.items() if k in (
                 "version", "champion", "new_rows", "rows", "fingerprint", "metrics", "champion_metrics",
-                "holdout", "checks", "deploy", "notebook", "trained", "alias", "verdict")}
+                "holdout", "checks", "deploy", "notebook", "trained", "alias", "verdict", "stale_champion")}
             ledger.setdefault("version", self.report.get("champion"))  # a skip is about the champion
             try:
                 self.reg.record(self.name, event, reason=line, **ledger)
@@ -306,6 +350,13 @@ class Run:
                 return self._finish("skipped", f"retrain {name}: skipped — paused by {p.get('by', '?')} since "
                                     f"{str(p.get('since', '?'))[:16].replace('T', ' ')} UTC{why} (resume with "
                                     f"mlpipe retrain SPEC --resume)", "retrain_skipped", paused=p)
+        root = getattr(self.reg.store, "root", None)
+        if root is not None and not Path(root).is_dir() and not self.force:
+            # cron on an unmounted disk or a mistyped MLPIPE_REGISTRY must not start a new history
+            from mlpipe.errors import RegistryError
+            raise RegistryError(f"registry {self.reg.url} does not exist (a disk not mounted, or a wrong "
+                                "MLPIPE_REGISTRY?)", hint="fix the path, or create the registry with the first "
+                                                          "version: mlpipe retrain SPEC --force")
         if self.dry_run:
             return self._decide_and_train()
         acquire(self.reg, name, self.run_id, self.break_lock)
@@ -323,8 +374,8 @@ class Run:
         if why:
             return self._finish("skipped", f"retrain {name}: skipped — {why}", "retrain_skipped")
         ds, X, y = load_dataset(spec)
-        hashes = data.row_hashes(ds.frame)
-        fp = data.fingerprint(ds.frame, hashes)
+        fp = data.fingerprint(ds.frame)
+        hashes = model_rows(X, y)
         self.report.update(rows=int(len(ds.frame)), fingerprint=fp, source=ds.source)
         champ_v, champ = self._champion()
         champ_rows = load_rows(reg, name, champ_v) if champ_v is not None else None
@@ -340,7 +391,7 @@ class Run:
             if new_rows < need:
                 return self._finish("skipped", f"retrain {name}: skipped — {new_rows} new rows {since}, needs {need} "
                                     f"(min_new_rows){basis}", "retrain_skipped")
-            tried = self._last_rejected_on(fp)
+            tried = self._last_rejected_on(fp, champ_v)
             if tried is not None:
                 return self._finish("skipped", f"retrain {name}: skipped — the data has not changed since challenger "
                                     f"v{tried['version']} was {tried['why']} (retrain --force "
@@ -359,7 +410,7 @@ class Run:
         # a rewrite that did not grow counts as all new
         return (grown if grown > 0 else int(len(hashes))), " (counted from row counts: v%s has no row hashes)" % champ_v
 
-    def _last_rejected_on(self, fp: str) -> dict | None:
+    def _last_rejected_on(self, fp: str, champ_v) -> dict | None:
         try:
             events = self.reg.events(self.name)
         except Exception:
@@ -367,32 +418,38 @@ class Run:
         for e in reversed(events):
             if e.get("event") == "retrain_promoted":
                 return None
-            if e.get("event") in ("retrain_rejected", "retrain_deploy_failed") and e.get("fingerprint") == fp:
+            if (e.get("event") in ("retrain_rejected", "retrain_deploy_failed") and e.get("fingerprint") == fp
+                    and e.get("champion") == champ_v and not e.get("stale_champion")):
                 why = "rejected" if e["event"] == "retrain_rejected" else "not deployed (its deploy failed)"
                 return {**e, "why": why}
         return None
 
     def _holdout(self, X, y, split: dict, champ_rows, hashes):
-        """The rows both models are scored on, and a description of them."""
-        import pandas as pd
+        """The rows both models are scored on, and a description of them: the test split without any row
+        the challenger or the champion trained on (duplicates included), or the spec's data.holdout."""
         spec = self.spec
+        Xtr, Xte, _, yte = train_mod.split_with(split, X, y, spec.data["source"])
+        trained = hashes[Xtr.index.to_numpy()]
+        if champ_rows is not None:
+            trained = np.concatenate([trained, champ_rows["train"]])
         if spec.data.get("holdout"):
             hds = data.load(spec.data["holdout"])
             hX, hy = data.split_xy(hds, spec.data["target"], list(X.columns))
-            return hX, hy, {"source": hds.source, "rows": int(len(hX)), "fresh": True}
-        _, Xte, _, yte = train_mod.split_with(split, X, y, spec.data["source"])
-        note = None
-        if champ_rows is not None:
-            keep = ~np.isin(hashes[Xte.index.to_numpy()], champ_rows["train"])
-            if int(keep.sum()) >= MIN_FRESH_ROWS:
-                info = {"source": "test split, without the rows the champion trained on", "rows": int(keep.sum()),
-                        "fresh": True, "dropped": int((~keep).sum())}
-                return Xte[keep], yte[keep], info
-            note = f"only {int(keep.sum())} test rows are new to the champion: scored on the whole test split"
-        elif self.report.get("champion") is not None:
-            note = "the champion has no row hashes: some test rows may be rows it trained on"
-        info = {"source": "test split", "rows": int(len(Xte)), "fresh": note is None, "note": note}
-        return pd.DataFrame(Xte), yte, info
+            overlap = int(np.isin(model_rows(hX, hy), trained).sum())
+            info = {"source": hds.source, "rows": int(len(hX)), "fresh": overlap == 0, "trained_on": overlap}
+            if overlap:
+                info["note"] = f"{overlap} of its rows are rows a model trained on"
+            return hX, hy, info
+        keep = ~np.isin(hashes[Xte.index.to_numpy()], trained)
+        if int(keep.sum()) >= MIN_FRESH_ROWS:
+            info = {"source": "test split, without the rows either model trained on", "rows": int(keep.sum()),
+                    "fresh": champ_rows is not None or self.report.get("champion") is None,
+                    "dropped": int((~keep).sum())}
+            if not info["fresh"]:
+                info["note"] = "the champion has no row hashes: some rows may be rows it trained on"
+            return Xte[keep], yte[keep], info
+        note = f"only {int(keep.sum())} test rows are new to both models: scored on the whole test split"
+        return Xte, yte, {"source": "test split", "rows": int(len(Xte)), "fresh": False, "note": note}
 
     def _challenge(self, ds, X, y, hashes, champ_v, champ, champ_rows, basis) -> dict:
         from mlpipe import evaluate as ev
@@ -407,23 +464,54 @@ class Run:
             hX, hy, holdout = self._holdout(X, y, manifest["split"], champ_rows, hashes)
             metric_names = ev._wanted_metrics(spec.metrics, spec.gate)
             require_onnx = ev.require_onnx_from_env()
-            ours = ev._score_dir(tmp, manifest, metric_names, hX, hy, require_onnx)
-            theirs, champ_error = None, None
+            ours_model = ev._model_for_scoring(tmp, manifest, require_onnx)
+            ours = train_mod.score(ours_model, metric_names, hX, hy)
+            theirs, champ_error, trusted = None, None, None
             if champ_v is not None:
                 try:
-                    theirs = ev.score_version(reg, name, champ_v, metric_names, hX, hy, require_onnx)
+                    theirs, trusted = self._score_champion(champ_v, champ, metric_names, hX, hy, ours_model,
+                                                           list(X.columns), require_onnx)
                 except MlpipeError as exc:
                     champ_error = str(exc)
-                    self.log(f"warning: champion v{champ_v} cannot be scored on this holdout: {exc}")
+                    self.log(f"warning: champion v{champ_v} cannot be scored: {exc}")
             checks = ev.checks_for(ours, spec.gate, theirs)
             if champ_error and spec.gate.get("max_regression"):
+                # never promote on an unchecked regression: a corrupt or unreadable champion, a library
+                # upgrade or a feature change is a decision for a person
                 for c in checks:
                     if c["check"] == "max_regression":
-                        c["note"] = f"champion could not be scored: {champ_error}"
+                        c.update(passed=False, note=f"champion v{champ_v} could not be scored: {champ_error}")
+            if trusted is not None:
+                # the champion's own stored holdout: rows it never trained on and whose labels predate this
+                # data, so a batch of bad labels cannot carry the challenger through
+                for c in ev.checks_for(trusted["metrics"], {"max_regression": spec.gate.get("max_regression") or {}},
+                                       trusted["champion_metrics"]):
+                    checks.append({**c, "check": "max_regression_on_champion_holdout",
+                                   "data": trusted["source"], "rows": trusted["rows"]})
+            if not checks:
+                checks.append({"check": "gate", "metric": None, "value": None, "threshold": None, "passed": False,
+                               "note": "the spec has no gate: set gate.min and/or gate.max_regression so a "
+                                       "challenger can be judged"})
+            if spec.model.get("estimator") or spec.model.get("steps"):
+                classes = int(y.nunique()) if train_mod.is_classifier(ours_model) or hasattr(ours_model, "classes_") else None
+                if classes is not None and classes < 2:
+                    checks.append({"check": "classes", "metric": None, "value": classes, "threshold": 2, "passed": False,
+                                   "note": f"the data has {classes} class(es) in '{spec.data['target']}'"})
             passed = all(c["passed"] for c in checks)
             scores = self._scores(ours, theirs, champ_v)
             where = f"on the same holdout ({holdout['rows']} rows{'' if holdout['fresh'] else ', ' + (holdout.get('note') or '')})"
-            failures = ev.describe_failures({"checks": checks, "baseline": f"champion v{champ_v}"})
+            failures = ev.describe_failures({"checks": [c for c in checks if c["check"] in ("min", "max", "max_regression")
+                                                        and c.get("value") is not None and
+                                                        (c["check"] != "max_regression" or c.get("baseline") is not None)],
+                                             "baseline": f"champion v{champ_v}"})
+            for c in checks:
+                if c["passed"]:
+                    continue
+                if c["check"] == "max_regression_on_champion_holdout":
+                    failures.append(f"{c['metric']} regressed by {c['regression']:.4f} on v{champ_v}'s stored holdout "
+                                    f"({c['value']:.4f} vs {c['baseline']:.4f}); allowed {c['threshold']}")
+                elif c.get("note") and (c["check"] != "max_regression" or c.get("baseline") is None):
+                    failures.append(c["note"])
             verdict = "passed" if passed else "rejected: " + "; ".join(failures)
             message = f"retrain: {seen}; challenger {scores} {where} → {verdict}"
             self.report.update(metrics=ours, champion_metrics=theirs, holdout=holdout, checks=checks,
@@ -462,15 +550,52 @@ class Run:
         if now_v != champ_v:
             return self._finish("rejected", f"retrain {name}: challenger v{n} passed, but {name}@{self.alias} moved "
                                 f"from v{champ_v} to v{now_v} during the run; not promoted (run again to compare "
-                                f"with v{now_v})", "retrain_rejected")
-        reg.promote(f"{name}:{n}", self.alias, reason=message)
+                                f"with v{now_v})", "retrain_rejected", stale_champion=True)
         promoted = f"retrain {name}: challenger v{n} {scores} {where} → promoted to {self.alias}"
         if nb_failed:
             promoted += f" (notebook failed: {nb_failed})"
         if not spec.retrain.get("deploy"):
+            reg.promote(f"{name}:{n}", self.alias, reason=message)
             return self._finish("notebook_failed" if nb_failed else "promoted", promoted, "retrain_promoted")
-        self.log(f"{promoted}; deploying v{n} with playbooks/deploy.yml")
-        return self._deploy(n, champ_v, promoted, nb_failed)
+        # from the promotion to the end of the deploy a signal is held until it can be acted on: the alias
+        # never stays on a version that is not deployed
+        stop: list[int] = []
+        handlers = _defer_signals(stop)
+        try:
+            try:
+                reg.promote(f"{name}:{n}", self.alias, reason=message)
+            except Exception:
+                self._put_alias_back(n, champ_v, f"retrain: promoting v{n} failed half-way")
+                raise
+            self.log(f"{promoted}; deploying v{n} with playbooks/deploy.yml")
+            return self._deploy(n, champ_v, promoted, nb_failed, stop)
+        finally:
+            _restore_signals(handlers)
+
+    def _score_champion(self, champ_v, champ, metric_names, hX, hy, ours_model, features, require_onnx):
+        """The champion's scores on the fresh holdout, and both models' scores on the champion's stored
+        holdout (None when it has none or the challenger cannot read it)."""
+        from mlpipe import evaluate as ev
+        with tempfile.TemporaryDirectory(prefix="mlpipe-champion-") as tmp:
+            path, manifest, _ = self.reg.pull(f"{self.name}:{champ_v}", tmp)
+            model = ev._model_for_scoring(path, manifest, require_onnx)
+            inputs = [i["name"] for i in manifest["signature"]["inputs"]]
+            missing = [c for c in inputs if c not in hX.columns]
+            if missing:
+                raise DataError(f"the data no longer has the champion's feature(s) {', '.join(missing[:5])}",
+                                hint="a feature change needs a person: compare with mlpipe evaluate and promote by hand")
+            fresh = train_mod.score(model, metric_names, hX[inputs], hy)
+            stored = ev.stored_holdout(path, manifest)
+            trusted = None
+            if stored is not None and self.spec.gate.get("max_regression"):
+                frame = stored.frame
+                target = manifest["signature"]["target"]["name"]
+                if all(c in frame.columns for c in features) and target in frame.columns:
+                    names = list(self.spec.gate["max_regression"])
+                    trusted = {"source": stored.source, "rows": int(len(frame)),
+                               "champion_metrics": train_mod.score(model, names, frame[inputs], frame[target]),
+                               "metrics": train_mod.score(ours_model, names, frame[features], frame[target])}
+        return fresh, trusted
 
     def _scores(self, ours: dict, theirs: dict | None, champ_v) -> str:
         first = next(iter(self.spec.gate.get("max_regression") or self.spec.gate.get("min") or {}), None) \
@@ -484,25 +609,19 @@ class Run:
             text += " (no champion yet)"
         return text
 
-    def _deploy(self, n: int, champ_v, promoted: str, nb_failed) -> dict:
-        import signal
-        import threading
+    def _deploy(self, n: int, champ_v, promoted: str, nb_failed, stop: list) -> dict:
         from mlpipe import fleet
         name, reg = self.name, self.reg
-        stop: list[int] = []
         # a SIGTERM/SIGINT during the deploy stops ansible-playbook through ansible-runner (not this
         # process alone, which would leave the playbook running on without us)
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
-        try:
-            result = deploy(name, n, self.project, self.inventory, self.log, cancelled=lambda: bool(stop))
-        except MlpipeError as exc:
-            result = {"status": "error", "rc": None, "error": str(exc), "failed_hosts": [], "hosts": []}
-        finally:
-            for sig, old in handlers.items():
-                signal.signal(sig, old)
+        if stop:
+            result = {"status": "canceled", "rc": None, "error": "interrupted before the deploy started",
+                      "failed_hosts": [], "hosts": []}
+        else:
+            try:
+                result = deploy(name, n, self.project, self.inventory, self.log, cancelled=lambda: bool(stop))
+            except MlpipeError as exc:
+                result = {"status": "error", "rc": None, "error": str(exc), "failed_hosts": [], "hosts": []}
         if stop or result.get("status") == "canceled":
             back = self._put_alias_back(n, champ_v, f"retrain: the deploy of v{n} was interrupted")
             self.report["deploy"] = result
@@ -552,6 +671,9 @@ def retrain(spec: Spec, reg, **kwargs) -> dict:
 
 def failed(reg, name: str, exc: BaseException, log: Callable[[str], None] = print) -> None:
     """Record an error outcome (best effort: the registry may be what failed)."""
+    root = getattr(reg.store, "root", None)
+    if root is not None and not Path(root).is_dir():
+        return  # writing the event would create the missing registry
     try:
         reg.record(name, "retrain_failed", reason=f"{type(exc).__name__}: {exc}")
     except Exception as rec_exc:

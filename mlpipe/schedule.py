@@ -72,6 +72,8 @@ def _field(text: str, field: int, name: str) -> str:
                 raise ScheduleError(f"{part!r}: the range is empty")
         if m.group(2) is not None and int(m.group(2)) < 1:
             raise ScheduleError(f"{part!r}: the step must be 1 or more")
+        if m.group(2) is not None and m.group(1) != "*" and "-" not in m.group(1):
+            raise ScheduleError(f"{part!r}: a step needs a range or *, e.g. {m.group(1)}-{LIMITS[field][1]}/{m.group(2)}")
         out.append(part)
     return ",".join(out)
 

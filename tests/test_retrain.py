@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ class Model:
         self.pool = make_data(6000)
         self.used = 0
         self.registry = tmp / "registry"
+        self.registry.mkdir()  # retrain refuses a missing file registry without --force (an unmounted disk)
         self.spec_path = tmp / "spec.yml"
         self.spec = {"name": name, "data": {"source": f"csv:{self.csv}", "target": "label"},
                      "split": {"test_size": 0.25, "random_state": 3},
@@ -145,8 +147,7 @@ def test_cooldown_pause_and_force(model):
     model.append(600)
     r = model.retrain()
     assert r.returncode == 0
-    assert "skipped — cooldown — last retrain 0s ago (v1, promoted), needs 6h00m (cooldown)" in r.stdout \
-        or "skipped — cooldown — last retrain 1s ago" in r.stdout, r.stdout
+    assert re.search(r"skipped — cooldown — last retrain \d+s ago \(v1, promoted\), needs 6h00m \(cooldown\)", r.stdout), r.stdout
     r = model.run("retrain", str(model.spec_path), "--pause", "--reason", "labels broken, INC-7")
     assert r.returncode == 0 and "paused" in r.stdout
     r = model.retrain()
@@ -182,7 +183,7 @@ def test_two_runs_at_once_one_exits_at_the_lock(tmp_path):
     second = m.retrain()
     out, _ = first.communicate(timeout=300)
     assert second.returncode == 8, second.stdout + second.stderr
-    assert "retrain of churn is locked by" in second.stderr
+    assert "retrain of churn is running on this host (pid" in second.stderr
     assert first.returncode == 10, out
     assert not lock.exists()
     assert m.registry_().versions("churn") == [1]
@@ -246,6 +247,9 @@ def test_a_failed_deploy_puts_the_alias_back(model, tmp_path):
 
 
 def test_errors_are_outcomes_too(model, tmp_path):
+    r = model.retrain(env={"MLPIPE_REGISTRY": str(tmp_path / "not-mounted")})
+    assert r.returncode == 7 and "does not exist (a disk not mounted" in r.stderr, r.stderr
+    assert not (tmp_path / "not-mounted").exists()
     model.spec["data"]["source"] = f"csv:{tmp_path / 'missing.csv'}"
     model.write_spec()
     r = model.retrain()
@@ -296,4 +300,55 @@ def test_a_champion_from_mlpipe_train_is_compared_row_by_row(model):
     assert r.returncode == 10, r.stdout + r.stderr
     report = json.loads(r.stdout)
     assert report["new_rows"] == 250 and report["champion"] == 1
-    assert report["holdout"]["fresh"] and "without the rows the champion trained on" in report["holdout"]["source"]
+    assert report["holdout"]["fresh"] and "without the rows either model trained on" in report["holdout"]["source"]
+
+
+def test_never_promoted_on_an_unchecked_or_fooled_gate(tmp_path):
+    # a batch of default labels (all 0): on a holdout made mostly of those rows the challenger that
+    # learned them wins; the champion's own stored holdout catches it
+    m = Model(tmp_path)
+    m.append(1500)
+    assert m.retrain().returncode == 10
+    rows = m.pool.iloc[m.used:m.used + 2000].copy()
+    m.used += 2000
+    rows["label"] = 0
+    rows.to_csv(m.csv, mode="a", header=False, index=False)
+    r = m.retrain("--json")
+    assert r.returncode == 11, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    failed = [c for c in report["checks"] if not c["passed"]]
+    assert [c["check"] for c in failed] == ["max_regression_on_champion_holdout"], report["checks"]
+    assert "on v1's stored holdout" in report["summary"] and m.alias() == 1
+
+    # a champion whose files are corrupt cannot be compared: rejected, never promoted unchecked
+    (m.registry / "churn" / "versions" / "1" / "model.joblib").write_bytes(b"garbage")
+    m.append(300)
+    r = m.retrain("--force")
+    assert r.returncode == 11, r.stdout + r.stderr
+    assert "champion v1 could not be scored" in r.stdout and "does not match its manifest" in r.stdout
+    assert m.alias() == 1
+
+
+def test_no_gate_no_promotion(tmp_path):
+    m = Model(tmp_path)
+    m.spec["gate"] = {}
+    m.write_spec()
+    m.append(1500)
+    r = m.retrain()
+    assert r.returncode == 11 and "the spec has no gate" in r.stdout, r.stdout + r.stderr
+    assert m.alias() is None
+
+
+def test_a_reused_pid_and_a_corrupt_row_file_do_not_block_retraining(model):
+    import socket
+    assert model.retrain().returncode == 10
+    (model.registry / "churn" / "datasets" / "1.npz").write_bytes(b"")
+    lock = model.registry / "churn" / "retrain" / "LOCK"
+    # pid 1 is alive, but it is not the process that took this lock (its start time differs)
+    lock.write_text(json.dumps({"run": "old", "by": "cron", "host": socket.gethostname(), "pid": 1,
+                                "started": "boot:0", "since": "2026-01-01T00:00:00Z"}))
+    model.append(300)
+    r = model.retrain()
+    assert r.returncode == 10, r.stdout + r.stderr
+    assert "(counted from row counts: v1 has no row hashes)" not in r.stdout  # it trained: 300 >= 200
+    assert model.events("lock_broken")
