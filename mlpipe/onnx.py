@@ -5,6 +5,9 @@ Classifiers must give identical labels on the test split; regressors must stay w
 """
 from __future__ import annotations
 
+import copy
+import threading
+
 import numpy as np
 
 REGRESSION_RTOL = 1e-4
@@ -22,35 +25,130 @@ def _tree_based(est) -> bool:
                                                "sklearn.ensemble._hist_gradient_boosting"))
 
 
-def convert_and_check(est, X_train, X_test, classifier: bool):
-    """Return (onnx_bytes or None, info dict). Never raises: ONNX is a fast path, not a requirement."""
-    if not _numeric(X_train):
-        return None, {"status": "skipped", "reason": "non-numeric features"}
-    try:
-        from skl2onnx import to_onnx
-    except ImportError:
-        return None, {"status": "skipped", "reason": "skl2onnx not installed"}
-    options = {id(est): {"zipmap": False}} if classifier else None
-    Xtr = X_train.to_numpy(dtype=np.float64)
-    Xte = X_test.to_numpy(dtype=np.float64)
-    errors = []
-    # scikit-learn's trees compare float32 features (they cast X themselves), so float32 is exact for
-    # them and converts several times faster; other models keep double precision. The agreement check
-    # below is the judge either way.
-    attempts = [(np.float64, None), (np.float64, {"": 21, "ai.onnx.ml": 5}), (np.float32, None)]
-    if _tree_based(est):
-        attempts = attempts[2:] + attempts[:2]
-    for dtype, opset in attempts:
+def preload(X_train) -> threading.Thread | None:
+    """Import skl2onnx and onnxruntime (~0.15 s) in a thread while the caller fits the model; join it
+    before making a :class:`Conversion`. None when no conversion will be tried (non-numeric features)
+    or both are imported already. A fit imports nothing as a rule, so the two threads do not import
+    the same modules at once."""
+    import sys
+    if ("skl2onnx" in sys.modules and "onnxruntime" in sys.modules) or not _numeric(X_train):
+        return None
+    # Importing holds the GIL. The fit mostly runs without it, but each time it needs it back it waits
+    # for the importing thread to yield, by default up to 5 ms: a shorter switch interval while the
+    # imports run costs the fit ~0.03 s instead of ~0.08 s (RandomForest, 150 trees).
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 0.0005))
+
+    def imports():
         try:
-            data = to_onnx(est, Xtr[:1].astype(dtype), options=options, target_opset=opset).SerializeToString()
-            got = run(session(data), Xte)
-            precision = "float64" if dtype is np.float64 else "float32"
-            break
-        except Exception as exc:  # unsupported estimator, converter or runtime limits
-            errors.append(str(exc).splitlines()[0][:200])
-    else:
-        return None, {"status": "unsupported", "reason": errors[-1]}
-    want = est.predict(X_test)
+            import onnxruntime  # noqa: F401
+            import skl2onnx  # noqa: F401
+        except Exception:  # not installed, or broken: Conversion says so when it imports them again
+            pass
+        finally:
+            sys.setswitchinterval(interval)
+
+    thread = threading.Thread(target=imports, name="mlpipe-onnx-imports", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to be had: import after the fit instead
+        sys.setswitchinterval(interval)
+        return None
+    return thread
+
+
+def convert_and_check(est, X_train, X_test, classifier: bool, want=None):
+    """Return (onnx_bytes or None, info dict). Never raises: ONNX is a fast path, not a requirement.
+
+    ``want`` is scikit-learn's ``predict(X_test)`` when the caller already has it (scoring computed
+    it); the parity check predicts itself otherwise."""
+    return Conversion(est, X_train, X_test, classifier).result(want)
+
+
+class Conversion:
+    """:func:`convert_and_check` in steps, so that a caller can overlap the slow part with its own work::
+
+        conv = Conversion(est, X_train, X_test, classifier)  # converts (in this thread)
+        conv.start()                   # ONNX session + predictions of the test split, in a thread
+        ...                            # (onnxruntime releases the GIL: they run on another core)
+        data, info = conv.result(want)  # waits, then the parity check
+
+    The outcome is the same as convert_and_check's. Never raises."""
+
+    def __init__(self, est, X_train, X_test, classifier: bool):
+        self.est, self.X_test, self.classifier = est, X_test, classifier
+        self._outcome = None  # (onnx bytes, ONNX outputs on X_test, {"precision"}) or (None, None, info)
+        self._thread = None
+        if not _numeric(X_train):
+            self._outcome = (None, None, {"status": "skipped", "reason": "non-numeric features"})
+            return
+        try:
+            import skl2onnx  # noqa: F401
+        except ImportError:
+            self._outcome = (None, None, {"status": "skipped", "reason": "skl2onnx not installed"})
+            return
+        self._options = {id(est): {"zipmap": False}} if classifier else None
+        self._x1 = X_train.iloc[:1].to_numpy(dtype=np.float64)
+        # scikit-learn's trees compare float32 features (they cast X themselves), so float32 is exact for
+        # them and converts several times faster; other models keep double precision. The agreement
+        # check is the judge either way.
+        attempts = [(np.float64, None), (np.float64, {"": 21, "ai.onnx.ml": 5}), (np.float32, None)]
+        self._attempts = attempts[2:] + attempts[:2] if _tree_based(est) else attempts
+        try:
+            self._first = self._convert(*self._attempts[0])
+        except Exception as exc:  # unsupported estimator or converter: the next attempts say more
+            self._first = exc
+
+    def _convert(self, dtype, opset) -> bytes:
+        x1 = self._x1.astype(dtype)
+        data = _forest_to_onnx(self.est, x1, self._options) if dtype is np.float32 and opset is None else None
+        if data is None:
+            from skl2onnx import to_onnx
+            data = to_onnx(self.est, x1, options=self._options, target_opset=opset).SerializeToString()
+        return data
+
+    def _finish(self):
+        Xte = self.X_test.to_numpy(dtype=np.float64)
+        errors = []
+        for i, (dtype, opset) in enumerate(self._attempts):
+            try:
+                if i == 0 and isinstance(self._first, Exception):
+                    raise self._first
+                data = self._first if i == 0 else self._convert(dtype, opset)
+                got = run(session(data), Xte)
+                return data, got, {"precision": "float64" if dtype is np.float64 else "float32"}
+            except Exception as exc:  # unsupported estimator, converter or runtime limits
+                errors.append(str(exc).splitlines()[0][:200])
+        return None, None, {"status": "unsupported", "reason": errors[-1]}
+
+    def _run(self):
+        try:
+            self._outcome = self._finish()
+        except BaseException as exc:  # never raise: a failure is an outcome like any other
+            self._outcome = (None, None, {"status": "unsupported",
+                                          "reason": (str(exc).splitlines() or [type(exc).__name__])[0][:200]})
+
+    def start(self) -> "Conversion":
+        if self._outcome is None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mlpipe-onnx", daemon=True)
+            self._thread.start()
+        return self
+
+    def result(self, want=None):
+        """(onnx_bytes or None, info dict): the bytes only when ONNX agrees with scikit-learn on X_test."""
+        if self._thread is not None:
+            self._thread.join()
+        elif self._outcome is None:
+            self._run()
+        return _check(self.est, self.X_test, self.classifier, self._outcome, want)
+
+
+def _check(est, X_test, classifier: bool, compiled, want=None):
+    data, got, info = compiled
+    if data is None:
+        return None, info
+    if want is None:
+        want = est.predict(X_test)
     if classifier:
         ok = bool(np.array_equal(np.asarray(got[0]).ravel(), np.asarray(want).ravel()))
         detail = {"check": "identical labels on the test split", "rows": int(len(want))}
@@ -61,7 +159,141 @@ def convert_and_check(est, X_train, X_test, classifier: bool):
                   "rows": int(len(want)), "max_abs_diff": float(np.max(np.abs(g - want))) if len(g) else 0.0}
     if not ok:
         return None, {"status": "rejected", "reason": "ONNX predictions disagree with scikit-learn", **detail}
-    return data, {"status": "ok", "precision": precision, **detail}
+    return data, {"status": "ok", "precision": info["precision"], **detail}
+
+
+# ------------------------------------------------------------------ forests without the per-node Python loop
+# skl2onnx writes a forest's TreeEnsembleClassifier/Regressor node one tree node at a time in Python
+# (~2.5 s for 150 trees of 2,600 nodes) and then copies the big attribute lists around several times.
+# For a RandomForest/ExtraTrees (alone or ending a Pipeline) in float32 we let skl2onnx convert a
+# one-tree copy of the model (inputs, outputs, labels, every other node), check that our numpy
+# version of its node attributes is exactly what skl2onnx wrote for that tree, and then fill in the
+# attributes for all the trees. The result is byte for byte the model skl2onnx writes (tests compare).
+
+_NODE_ATTRS = ("nodes_treeids", "nodes_nodeids", "nodes_featureids", "nodes_modes", "nodes_values",
+               "nodes_truenodeids", "nodes_falsenodeids", "nodes_missing_value_tracks_true", "nodes_hitrates")
+
+
+def _forest_kinds() -> dict:
+    from sklearn.ensemble import (ExtraTreesClassifier, ExtraTreesRegressor, RandomForestClassifier,
+                                  RandomForestRegressor)
+    return {RandomForestClassifier: True, ExtraTreesClassifier: True,
+            RandomForestRegressor: False, ExtraTreesRegressor: False}
+
+
+_MODES = np.array([b"LEAF", b"BRANCH_LEQ"], dtype=object)
+
+
+def forest_attributes(trees: list, classifier: bool) -> dict | None:
+    """The attribute lists skl2onnx's ``add_tree_to_attribute_pairs`` builds for these fitted
+    ``tree_`` objects (single output, float32 input, leaf values averaged over the trees), as numpy
+    arrays, in the same order and with the same float arithmetic. None when a threshold is not finite
+    in float32 (skl2onnx's own rounding is then what it is; let it convert)."""
+    weight = 1.0 / len(trees)
+    tid, nid, feat, thr, left, right, value = [], [], [], [], [], [], []
+    for t, tree in enumerate(trees):
+        n = tree.node_count
+        tid.append(np.full(n, t, dtype=np.int64))
+        nid.append(np.arange(n, dtype=np.int64))
+        feat.append(tree.feature.astype(np.int64))
+        thr.append(tree.threshold)
+        left.append(tree.children_left.astype(np.int64))
+        right.append(tree.children_right.astype(np.int64))
+        value.append(tree.value)
+    tid, nid, feat, thr, left, right = (np.concatenate(a) for a in (tid, nid, feat, thr, left, right))
+    value = np.concatenate(value)                      # (nodes, n_outputs, n_classes)
+    branch = (left > nid) | (right > nid)              # skl2onnx's test for an inner node
+    # sklearn_threshold(dtype=float32): the float32 w with (float)x <= t  <=>  (float)x <= w
+    t = thr[branch]
+    fy = t.astype(np.float32)
+    if not np.all(np.isfinite(fy)):
+        return None
+    values = np.zeros(len(thr), dtype=np.float32)
+    values[branch] = np.where(fy.astype(np.float64) <= t, fy, np.nextafter(fy, np.float32(-np.inf)))
+    zero = np.zeros(len(thr), dtype=np.int64)
+    attrs = {"nodes_treeids": tid, "nodes_nodeids": nid,
+             "nodes_featureids": np.where(branch, feat, zero),
+             "nodes_modes": _MODES[branch.view(np.int8)],  # shared bytes objects: cheap to list
+             "nodes_values": values,
+             "nodes_truenodeids": np.where(branch, left, zero),
+             "nodes_falsenodeids": np.where(branch, right, zero),
+             "nodes_missing_value_tracks_true": zero,
+             "nodes_hitrates": np.ones(len(thr), dtype=np.float32)}
+    leaf = ~branch
+    lv = value[leaf].reshape(int(leaf.sum()), -1)      # weights.flatten() of every leaf
+    if classifier:  # class counts/fractions normalised: tree_weight / sum(weights), summed left to right
+        s = np.zeros(len(lv), dtype=np.float64)
+        for j in range(lv.shape[1]):
+            s = s + lv[:, j]
+        lw = lv * (weight / np.where(s != 0.0, s, 1.0))[:, None]
+        if lw.shape[1] == 2:                           # binary: only the positive class is stored
+            lw = lw[:, 1:]
+    else:
+        lw = lv * weight
+    k = lw.shape[1]
+    prefix = "class" if classifier else "target"
+    attrs[f"{prefix}_treeids"] = np.repeat(tid[leaf], k)
+    attrs[f"{prefix}_nodeids"] = np.repeat(nid[leaf], k)
+    attrs[f"{prefix}_ids"] = np.tile(np.arange(k, dtype=np.int64), len(lw))
+    attrs[f"{prefix}_weights"] = lw.ravel().astype(np.float32)
+    return attrs
+
+
+def _forest_to_onnx(est, x1: np.ndarray, options: dict | None) -> bytes | None:
+    """skl2onnx's float32 ONNX model of a forest (or a Pipeline ending in one), or None when the
+    model is not one this shortcut covers (the caller then runs skl2onnx itself)."""
+    from onnx import AttributeProto
+    from skl2onnx import to_onnx
+    pipeline = hasattr(est, "steps")
+    forest = est.steps[-1][1] if pipeline else est
+    kinds = _forest_kinds()
+    if type(forest) not in kinds or getattr(forest, "n_outputs_", None) != 1 \
+            or len(getattr(forest, "estimators_", ())) < 2:
+        return None
+    classifier = kinds[type(forest)]
+    stub_forest = copy.copy(forest)
+    stub_forest.estimators_ = forest.estimators_[:1]
+    ids = {id(forest): id(stub_forest)}
+    stub = stub_forest
+    if pipeline:
+        stub = copy.copy(est)
+        stub.steps = [*est.steps[:-1], (est.steps[-1][0], stub_forest)]
+        ids[id(est)] = id(stub)
+    model = to_onnx(stub, x1, options={ids.get(k, k): v for k, v in options.items()} if options else options)
+    op_type = "TreeEnsembleClassifier" if classifier else "TreeEnsembleRegressor"
+    nodes = [n for n in model.graph.node if n.op_type == op_type and n.domain == "ai.onnx.ml"]
+    prefix = "class" if classifier else "target"
+    names = set(_NODE_ATTRS) | {f"{prefix}_{k}" for k in ("treeids", "nodeids", "ids", "weights")}
+    fields = {AttributeProto.INTS: "ints", AttributeProto.FLOATS: "floats", AttributeProto.STRINGS: "strings"}
+    if len(nodes) != 1:
+        return None
+    attrs = {a.name: a for a in nodes[0].attribute if a.name in names}
+    if set(attrs) != names or any(a.type not in fields for a in attrs.values()):
+        return None
+    one = forest_attributes([t.tree_ for t in stub_forest.estimators_], classifier)
+    if one is None or any(list(getattr(a, fields[a.type])) != one[n].tolist() for n, a in attrs.items()):
+        return None  # skl2onnx wrote the one-tree node differently than we would: do not guess
+    full = forest_attributes([t.tree_ for t in forest.estimators_], classifier)
+    if full is None:
+        return None
+    for n, a in attrs.items():
+        values = getattr(a, fields[a.type])
+        del values[:]
+        if a.type == AttributeProto.FLOATS:  # as packed float32, which protobuf parses in C (4x faster than
+            data = full[n].astype("<f4").tobytes()  # a list); it still writes them unpacked, as skl2onnx does
+            a.MergeFromString(b"\x3a" + _varint(len(data)) + data)  # field 7 (floats), length-delimited
+        else:
+            values.extend(full[n].tolist())
+    return model.SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
 
 
 def session(data: bytes):

@@ -109,6 +109,86 @@ def test_onnx_rejected_when_it_disagrees():
     assert data is not None and info["status"] == "ok" and info["precision"] == "float64"
 
 
+def _forest(case):
+    from sklearn.datasets import make_classification, make_regression
+    from sklearn.ensemble import ExtraTreesClassifier, ExtraTreesRegressor, RandomForestClassifier, RandomForestRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    X, y = make_classification(n_samples=400, n_features=6, n_informative=4, n_classes=3, random_state=0)
+    Xr, yr = make_regression(n_samples=400, n_features=6, random_state=0)
+    return {
+        "rf-binary": (RandomForestClassifier(8, random_state=0), X, y % 2, True),
+        "rf-multiclass-balanced": (RandomForestClassifier(8, max_depth=5, class_weight="balanced", random_state=0), X, y, True),
+        "et-string-labels": (ExtraTreesClassifier(8, random_state=0), X, np.array(["a", "b", "c"])[y], True),
+        "rf-regressor": (RandomForestRegressor(8, random_state=0), Xr, yr, False),
+        "et-regressor": (ExtraTreesRegressor(8, max_depth=6, random_state=0), Xr, yr, False),
+        "pipeline": (make_pipeline(StandardScaler(), RandomForestClassifier(8, random_state=0)), X, y, True),
+        "pipeline-regressor": (make_pipeline(StandardScaler(), ExtraTreesRegressor(8, random_state=0)), Xr, yr, False),
+        "features-far-from-zero": (RandomForestClassifier(8, random_state=0), X * 1e6 + 3e7, y, True),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["rf-binary", "rf-multiclass-balanced", "et-string-labels", "rf-regressor",
+                                  "et-regressor", "pipeline", "pipeline-regressor", "features-far-from-zero"])
+def test_forest_onnx_is_what_skl2onnx_writes_byte_for_byte(case):
+    """A forest's TreeEnsemble node is built with numpy (skl2onnx writes it one tree node at a time in
+    Python, ~2.5 s for 150 trees); the model is exactly the one skl2onnx writes."""
+    from skl2onnx import to_onnx
+    est, X, y, classifier = _forest(case)
+    est.fit(X, y)
+    x1 = X[:1].astype(np.float32)
+    options = {id(est): {"zipmap": False}} if classifier else None
+    fast = onnx._forest_to_onnx(est, x1, options)
+    assert fast is not None
+    assert fast == to_onnx(est, x1, options=options).SerializeToString()
+
+
+def test_forest_numpy_attributes_round_thresholds_like_skl2onnx():
+    """Both of skl2onnx's float32 threshold cases occur (a threshold float32 holds exactly, and one it
+    rounds up, which takes the next float32 below): the byte comparison above covers both."""
+    from skl2onnx.common.tree_ensemble import sklearn_threshold
+    est, X, y, _ = _forest("rf-binary")
+    tree = est.fit(X, y).estimators_[0].tree_
+    inner = tree.children_left > np.arange(tree.node_count)
+    t = tree.threshold[inner]
+    assert (t.astype(np.float32) == t).any() and (t.astype(np.float32) > t).any()
+    ours = onnx.forest_attributes([tree], classifier=True)["nodes_values"][inner]
+    assert ours.tolist() == [np.float32(sklearn_threshold(v, np.float32, "BRANCH_LEQ")) for v in t]
+
+
+def test_regressor_and_pipeline_forests_get_an_onnx_file(tmp_path, write_spec):
+    m = train.train(spec.load(EXAMPLES / "house-prices.yml"), tmp_path / "r")  # RandomForestRegressor
+    assert m["onnx"]["status"] == "ok" and m["onnx"]["precision"] == "float32", m["onnx"]
+    assert "model.onnx" in m["files"] and artifact.verify_dir(tmp_path / "r")
+    s = spec.load(write_spec(small_spec(model={"steps": [
+        {"estimator": "sklearn.preprocessing.StandardScaler"},
+        {"estimator": "sklearn.ensemble.ExtraTreesClassifier", "params": {"n_estimators": 25, "random_state": 0}}]})))
+    m = train.train(s, tmp_path / "p")
+    assert m["onnx"]["status"] == "ok" and m["onnx"]["rows"] == m["data"]["test_rows"], m["onnx"]
+    assert json.loads((tmp_path / "p" / "manifest.json").read_text()) == m
+
+
+def test_scorers_and_the_onnx_check_share_one_predict(tmp_path, monkeypatch):
+    """accuracy, f1_macro and the ONNX parity check all use one predict of the test split, and the
+    metrics are exactly what scikit-learn's scorers give on the fitted estimator."""
+    from sklearn.tree import DecisionTreeClassifier
+    calls = []
+    predict = DecisionTreeClassifier.predict
+
+    def counted(self, X, *args, **kwargs):
+        calls.append(len(X))
+        return predict(self, X, *args, **kwargs)
+    counted.__name__ = "predict"  # scikit-learn's scorers look the response method up by name
+    monkeypatch.setattr(DecisionTreeClassifier, "predict", counted)
+    s = spec.load(EXAMPLES / "credit-risk.yml")
+    m = train.train(s, tmp_path / "a")
+    assert m["onnx"]["status"] == "ok" and calls == [m["data"]["test_rows"]]
+    _, X, y = train.load_xy(s)
+    _, X_test, _, y_test = train.split(s, X, y, True)
+    model, _ = artifact.load_model(tmp_path / "a")
+    assert m["metrics"] == train.score(model, s.metrics, X_test, y_test)
+
+
 # ------------------------------------------------------------------ the holdout travels with the version
 def _stored(path):
     import pandas as pd
