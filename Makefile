@@ -88,6 +88,7 @@ test: deps venv
 
 bench: deps venv .venv-bench/.installed
 	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/retrain_skip.py
 	$(BIN)/python benchmarks/onnx_vs_sklearn.py
 	$(BIN)/python benchmarks/serve_vs_mlflow.py
 	$(BIN)/python benchmarks/deploy_scaling.py
