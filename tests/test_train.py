@@ -143,6 +143,20 @@ def test_forest_onnx_is_what_skl2onnx_writes_byte_for_byte(case):
     assert fast == to_onnx(est, x1, options=options).SerializeToString()
 
 
+def test_varints_are_protobufs_own_encoding():
+    """The int lists go into the ONNX model as packed varints built with numpy; protobuf's own
+    encoder is the reference (negative values take ten bytes, wide values several)."""
+    from onnx import AttributeProto
+    rng = np.random.default_rng(0)
+    for values in ([], [0, 5, 127], [128, 300, 2**21, 2**35, 2**63 - 1], [-1, -5, 0, 1],
+                   rng.integers(-2**40, 2**40, 5000).tolist()):
+        want = AttributeProto(name="x", type=AttributeProto.INTS, ints=values).SerializeToString()
+        data = onnx._varints(np.array(values, dtype=np.int64))
+        got = AttributeProto(name="x", type=AttributeProto.INTS)
+        got.MergeFromString(b"\x42" + onnx._varint(len(data)) + data)
+        assert got.SerializeToString() == want
+
+
 def test_forest_numpy_attributes_round_thresholds_like_skl2onnx():
     """Both of skl2onnx's float32 threshold cases occur (a threshold float32 holds exactly, and one it
     rounds up, which takes the next float32 below): the byte comparison above covers both."""

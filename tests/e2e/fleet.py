@@ -107,13 +107,20 @@ class Fleet:
         return proc.log.read()
 
     def wait_for(self, what, timeout: float = 300, every: float = 0.2):
+        """Poll ``what`` until it is true. A poll that raises (a server still binding its port
+        after a restart, a ledger being written) counts as "not yet"; the last error is shown
+        if it never comes true."""
         deadline = time.monotonic() + timeout
+        error = None
         while time.monotonic() < deadline:
-            got = what()
+            try:
+                got = what()
+            except Exception as e:  # noqa: BLE001 - reported below if it never comes true
+                got, error = None, e
             if got:
                 return got
             time.sleep(every)
-        raise AssertionError(f"timed out waiting for {what}")
+        raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {error!r})" if error else ""))
 
     def deployed_on(self, host: str, version: int, model: str = "credit-risk") -> bool:
         """The ledger's latest event for ``host`` says it was deployed ``version``."""
@@ -132,7 +139,10 @@ class Fleet:
                               capture_output=True, text=True, timeout=60)
 
     def events(self, model: str) -> list[dict]:
-        return json.loads(self.mlpipe("models", "history", model, "--json").stdout)
+        """The model's ledger, read in this process (the tests poll it while a deploy runs: a
+        new interpreter per poll is slow enough on a loaded machine to miss a batch)."""
+        from mlpipe.registry import Registry
+        return Registry(str(self.registry)).events(model)
 
     def down(self) -> None:
         """Stop what site.yml started (supervisord + gunicorn per host, HAProxy)."""
