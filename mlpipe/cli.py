@@ -336,8 +336,13 @@ def models_pull(ref, dest, activate, keep, set_previous, fname, as_json, registr
         from mlpipe import hostdir
         out["switched"] = hostdir.activate(Path(dest), manifest["version"], keep=keep, set_previous=set_previous)
         out["changed"] = changed or out["switched"]
+    else:
+        from mlpipe import hostdir
+        if hostdir.current(Path(dest)) is None:  # nothing would serve it: say how
+            out["note"] = (f"not active: nothing in {dest} is 'current' yet; add --activate to serve it "
+                           f"(mlpipe models pull {manifest['name']}:{manifest['version']} --dest {dest} --activate)")
     _emit(out, as_json, f"{manifest['name']}:{manifest['version']} -> {path}" + (" (already there)" if not changed else "")
-          + (" [current]" if activate else ""))
+          + (" [current]" if activate else "") + (f"\n{out['note']}" if out.get("note") else ""))
 
 
 @cli.command()

@@ -58,6 +58,31 @@ def activate(directory: Path, version: int, keep: int = 3, set_previous: int | N
     return changed
 
 
+def nothing_active(directory: Path) -> str:
+    """Why a model folder has nothing to serve, and the command that fixes it (for a server's "not
+    ready" answers and for ``models pull`` without ``--activate``)."""
+    directory = Path(directory)
+    reload = "then reload the server (mlpipe reload --pidfile PIDFILE, or restart it)"
+    if not directory.is_dir():
+        return (f"{directory} does not exist: run `mlpipe models pull NAME@production --dest {directory} --activate`, "
+                f"{reload}")
+    pulled = sorted(int(p.name) for p in directory.iterdir()
+                    if p.is_dir() and p.name.isdigit() and (p / "manifest.json").is_file())
+    if not pulled:
+        return (f"nothing is pulled into {directory}: run `mlpipe models pull NAME@production --dest {directory} "
+                f"--activate`, {reload}")
+    name = "NAME"
+    try:
+        import json
+        name = json.loads((directory / str(pulled[-1]) / "manifest.json").read_text()).get("name") or name
+    except (OSError, ValueError):
+        pass
+    shown = ", ".join(f"v{v}" for v in pulled)
+    return (f"{shown} {'is' if len(pulled) == 1 else 'are'} pulled into {directory} but none is active (no 'current' "
+            f"symlink): run `mlpipe models pull {name}:{pulled[-1]} --dest {directory} --activate` (nothing is "
+            f"downloaded again), {reload}")
+
+
 def prune(directory: Path, keep: int) -> list[int]:
     """Delete version folders beyond the newest ``keep``, never current or previous."""
     directory = Path(directory)

@@ -221,7 +221,7 @@ class ModelSlot:
             break
         else:
             self.model = None
-            self.error = "; ".join(errors) or f"no model in {self.model_dir} (no 'current' symlink)"
+            self.error = "; ".join(errors) or hostdir.nothing_active(self.model_dir)
         metrics().set_model(self.model)
 
 
@@ -764,7 +764,9 @@ def create_app(config: dict | None = None):
 
     def model() -> LoadedModel:
         if slot.model is None:
-            raise NotReady(f"no model is loaded: {slot.error}", hint="pull and activate a version, then reload")
+            raise NotReady(f"no model is loaded: {slot.error}",
+                           hint=None if hostdir.current(slot.model_dir) is None else
+                           "every candidate version was refused (above): pull and activate a good version, then reload")
         return slot.model
 
     def json_response(obj, status=200, headers=None):

@@ -557,3 +557,33 @@ def test_regressor_prediction_histogram(tmp_path):
     text = c.get("/metrics").data.decode()
     count = [x for x in text.splitlines() if x.startswith('mlpipe_prediction_value_count{version="1"}')]
     assert count and float(count[0].split()[-1]) >= 7
+
+
+def test_not_ready_says_what_to_do(fleet, tmp_path):
+    """An empty folder, a folder with pulled but no active version, a folder that does not exist:
+    readiness and predictions answer 503 with the command that fixes it; `models pull` without
+    --activate into a folder with nothing active says so too."""
+    body = {"dataframe_split": {"columns": ["a"], "data": [[1]]}}
+    missing = tmp_path / "nowhere"
+    r = create_app({"model_dir": str(missing)}).test_client().get("/v2/health/ready")
+    assert r.status_code == 503 and f"{missing} does not exist" in r.json["error"]
+    assert f"--dest {missing} --activate" in r.json["error"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    c = create_app({"model_dir": str(empty)}).test_client()
+    for r in (c.get("/v2/health/ready"), c.post("/invocations", json=body)):
+        assert r.status_code == 503, r.json
+        assert f"nothing is pulled into {empty}" in r.json["error"] and "mlpipe reload" in r.json["error"], r.json
+    res = run_cli("models", "pull", "credit-risk:2", "--dest", empty, "--registry", fleet["reg"])
+    assert res.returncode == 0, res.stderr
+    assert f"add --activate to serve it (mlpipe models pull credit-risk:2 --dest {empty} --activate)" in res.stdout
+    r = create_app({"model_dir": str(empty)}).test_client().get("/v2/health/ready")
+    assert r.status_code == 503
+    assert (f"v2 is pulled into {empty} but none is active (no 'current' symlink): run "
+            f"`mlpipe models pull credit-risk:2 --dest {empty} --activate` (nothing is downloaded again)") in r.json["error"]
+    # doing what it says makes the server ready; a pull into an active folder adds no note
+    res = run_cli("models", "pull", "credit-risk:2", "--dest", empty, "--registry", fleet["reg"], "--activate")
+    assert res.returncode == 0 and "changed" not in res.stdout and "[current]" in res.stdout, res.stdout
+    assert create_app({"model_dir": str(empty)}).test_client().get("/v2/health/ready").status_code == 200
+    res = run_cli("models", "pull", "credit-risk:1", "--dest", empty, "--registry", fleet["reg"])
+    assert res.returncode == 0 and "not active" not in res.stdout
