@@ -1,0 +1,378 @@
+"""playbooks/provision.yml and teardown.yml (role ec2_fleet) against a real moto_server over HTTP.
+
+moto_server runs as a child process of this module on a free loopback port, with a Debian 12 image
+catalogue of its own (MOTO_AMIS_PATH: two x86_64 images and a newer arm64 one, owner 136693071363, so
+the default AMI lookup runs as on AWS). The playbooks get nothing but the standard AWS environment
+(AWS_ENDPOINT_URL, dummy credentials, AWS_DEFAULT_REGION) and a temporary HOME with a generated
+ed25519 key, exactly as a user's shell would give them. Everything is checked through boto3.
+
+In order, on one moto: refusals (no env, bad env, bad count, no key, teardown unconfirmed); provision
+env A and assert every resource and rule; a second run reports changed=0; model_servers 2 -> 3 -> 1,
+the newest removed first, drained in a real HAProxy (admin socket) that the inventory names as A's
+balancer before they are terminated; ansible-inventory -i inventory/aws groups; env B provisioned beside
+A; teardown of A (with the bucket) leaves nothing tagged env=A and B untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from procs import free_port, stop, wait_port  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+ENV_A, ENV_B = "awstest", "awsother"
+DEBIAN = "136693071363"
+AMI_OLD, AMI_NEW, AMI_ARM = "ami-0deb12a0000000001", "ami-0deb12b0000000002", "ami-0deb12c0000000003"
+ALIVE = ["pending", "running", "stopping", "stopped"]
+
+
+def _ami(ami_id: str, name: str, arch: str, created: str) -> dict:
+    return {"ami_id": ami_id, "state": "available", "public": True, "owner_id": DEBIAN,
+            "image_location": f"debian/{name}", "root_device_type": "ebs", "root_device_name": "/dev/xvda",
+            "description": name, "image_type": "machine", "platform": None, "architecture": arch, "name": name,
+            "virtualization_type": "hvm", "hypervisor": "xen", "creation_date": created}
+
+
+class Aws:
+    """moto_server, the environment the playbooks run with, boto3 clients and helpers."""
+
+    def __init__(self, tmp: Path, port: int):
+        self.tmp, self.endpoint = tmp, f"http://127.0.0.1:{port}"
+        self.home = tmp / "home"
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("AWS_", "ANSIBLE_", "MLPIPE_")) and k not in ("HOME", "PATH")}
+        self.env.update({"HOME": str(self.home), "PATH": f"{BIN}:{os.environ.get('PATH', '')}:/usr/sbin",
+                         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
+                         "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
+                         "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-local")})
+        self.log = tmp / "playbook.log"
+
+    def client(self, service: str):
+        import boto3
+        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def run(self, *args: str, env: dict | None = None, stdin=subprocess.DEVNULL, timeout: int = 600) -> subprocess.CompletedProcess:
+        t = time.monotonic()
+        r = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=ROOT, env={**self.env, **(env or {})}, stdin=stdin,
+                           capture_output=True, text=True, timeout=timeout)
+        with open(self.log, "a") as f:
+            f.write(f"\n===== {' '.join(args)} (rc {r.returncode}, {time.monotonic() - t:.0f}s)\n{r.stdout}\n{r.stderr}\n")
+        return r
+
+    def playbook(self, name: str, *extra: str, **kw) -> subprocess.CompletedProcess:
+        return self.run("ansible-playbook", f"playbooks/{name}", *extra, **kw)
+
+    # ---------------------------------------------------------------- reading moto through boto3
+    def instances(self, env: str, role: str | None = None, states=ALIVE) -> list[dict]:
+        filters = [{"Name": "tag:project", "Values": ["mlpipe"]}, {"Name": "tag:env", "Values": [env]},
+                   {"Name": "instance-state-name", "Values": states}]
+        if role:
+            filters.append({"Name": "tag:mlpipe_role", "Values": [role]})
+        pages = self.client("ec2").describe_instances(Filters=filters)["Reservations"]
+        return [i for r in pages for i in r["Instances"]]
+
+    def tagged(self, env: str) -> dict:
+        """Every resource tagged env=<env> (project mlpipe) that teardown must remove."""
+        ec2, iam, s3 = self.client("ec2"), self.client("iam"), self.client("s3")
+        f = [{"Name": "tag:project", "Values": ["mlpipe"]}, {"Name": "tag:env", "Values": [env]}]
+        roles = [r["RoleName"] for r in iam.list_roles()["Roles"]
+                 if {"Key": "env", "Value": env} in iam.list_role_tags(RoleName=r["RoleName"])["Tags"]]
+        profiles = [p["InstanceProfileName"] for p in iam.list_instance_profiles()["InstanceProfiles"]
+                    if {"Key": "env", "Value": env} in iam.get_instance_profile(
+                        InstanceProfileName=p["InstanceProfileName"])["InstanceProfile"].get("Tags", [])]
+        buckets = []
+        for b in s3.list_buckets()["Buckets"]:
+            try:
+                tags = s3.get_bucket_tagging(Bucket=b["Name"])["TagSet"]
+            except s3.exceptions.ClientError:
+                tags = []
+            if {"Key": "env", "Value": env} in tags:
+                buckets.append(b["Name"])
+        return {"instances": [i["InstanceId"] for i in self.instances(env)],
+                "security_groups": [g["GroupId"] for g in ec2.describe_security_groups(Filters=f)["SecurityGroups"]],
+                "vpcs": [v["VpcId"] for v in ec2.describe_vpcs(Filters=f)["Vpcs"]],
+                "subnets": [s["SubnetId"] for s in ec2.describe_subnets(Filters=f)["Subnets"]],
+                "internet_gateways": [g["InternetGatewayId"] for g in ec2.describe_internet_gateways(Filters=f)["InternetGateways"]],
+                "route_tables": [t["RouteTableId"] for t in ec2.describe_route_tables(Filters=f)["RouteTables"]],
+                "key_pairs": [k["KeyName"] for k in ec2.describe_key_pairs(Filters=f)["KeyPairs"]],
+                "roles": roles, "instance_profiles": profiles, "buckets": buckets}
+
+
+def changed(r: subprocess.CompletedProcess) -> int:
+    return sum(int(m) for m in re.findall(r"\bchanged=(\d+)", r.stdout.split("PLAY RECAP")[-1]))
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    return r.stdout
+
+
+def tags(resource: dict) -> dict:
+    return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
+
+
+def newest_first(instances: list[dict]) -> list[dict]:
+    """The role's documented removal order: newest launch time first, then the larger instance id."""
+    return sorted(instances, key=lambda i: (i["LaunchTime"], i["InstanceId"]), reverse=True)
+
+
+@pytest.fixture(scope="module")
+def aws(tmp_path_factory):
+    tmp = Path(tempfile.mkdtemp(prefix="mlpipe-aws-"))
+    (tmp / "home" / ".ssh").mkdir(parents=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f", str(tmp / "home/.ssh/id_ed25519")], check=True)
+    amis = tmp / "amis.json"
+    amis.write_text(json.dumps([_ami(AMI_OLD, "debian-12-amd64-20240101-1000", "x86_64", "2024-01-01T10:00:00.000Z"),
+                                _ami(AMI_NEW, "debian-12-amd64-20250601-2000", "x86_64", "2025-06-01T20:00:00.000Z"),
+                                _ami(AMI_ARM, "debian-12-arm64-20250701-2000", "arm64", "2025-07-01T20:00:00.000Z")]))
+    port = free_port()
+    log = open(tmp / "moto.log", "wb")
+    moto_env = {**os.environ, "MOTO_AMIS_PATH": str(amis)}
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log, env=moto_env)
+    a = Aws(tmp, port)
+    a.procs = []
+    try:
+        wait_port("127.0.0.1", port, proc)
+        yield a
+    finally:
+        for p in a.procs:
+            stop(p)
+        stop(proc)
+        log.close()
+        logs = tmp_path_factory.mktemp("aws")
+        for f in (a.log, tmp / "moto.log", tmp / "haproxy.cfg"):
+            if f.exists():
+                shutil.copy(f, logs / f.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"playbook log: {logs / 'playbook.log'}")
+
+
+# ------------------------------------------------------------------------------------ the tests
+def test_bad_input_is_refused_with_a_clear_message(aws):
+    r = aws.playbook("provision.yml")
+    assert r.returncode != 0 and "-e env=NAME" in r.stdout + r.stderr
+    r = aws.playbook("provision.yml", "-e", "env=Bad_Name")
+    assert r.returncode != 0 and "Bad_Name" in r.stdout and "lowercase letters" in r.stdout
+    r = aws.playbook("provision.yml", "-e", f"env={ENV_A}", "-e", "ec2_fleet_model_servers_count=-1")
+    assert r.returncode != 0 and "ec2_fleet_model_servers_count=-1" in r.stdout
+    r = aws.playbook("provision.yml", "-e", f"env={ENV_A}", "-e", "ec2_fleet_lb_count=2")
+    assert r.returncode != 0 and "ec2_fleet_lb_count must be 0 or 1" in r.stdout
+    empty = aws.tmp / "nohome"
+    empty.mkdir()
+    r = aws.playbook("provision.yml", "-e", f"env={ENV_A}", env={"HOME": str(empty)})
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode != 0 and "no SSH public key" in out and "id_ed25519.pub" in out and "id_rsa.pub" in out, out[-3000:]
+    r = aws.playbook("provision.yml", "-e", f"env={ENV_A}", "-e", "ec2_fleet_public_key_file=/nonexistent/key.pub")
+    assert r.returncode != 0 and "/nonexistent/key.pub" in r.stdout and "does not exist" in r.stdout
+    r = aws.playbook("teardown.yml", "-e", f"env={ENV_A}")  # no terminal (stdin /dev/null), no confirm=yes
+    assert r.returncode != 0 and "Refusing" in r.stdout and "-e confirm=yes" in r.stdout
+    # nothing was created by any of these
+    assert not any(aws.tagged(ENV_A).values())
+
+
+def test_provision_creates_every_resource_and_rule(aws):
+    out = ok(aws.playbook("provision.yml", "-e", f"env={ENV_A}"))
+    ec2, s3, iam = aws.client("ec2"), aws.client("s3"), aws.client("iam")
+    account = aws.client("sts").get_caller_identity()["Account"]
+    bucket = f"mlpipe-{ENV_A}-registry-{account}"
+    want = {"project": "mlpipe", "env": ENV_A}
+
+    vpc, = ec2.describe_vpcs(Filters=[{"Name": "tag:env", "Values": [ENV_A]}])["Vpcs"]
+    assert vpc["CidrBlock"] == "10.42.0.0/16" and tags(vpc).items() >= want.items()
+    subnet, = ec2.describe_subnets(Filters=[{"Name": "tag:env", "Values": [ENV_A]}])["Subnets"]
+    assert subnet["VpcId"] == vpc["VpcId"] and subnet["CidrBlock"] == "10.42.1.0/24" and subnet["MapPublicIpOnLaunch"]
+    igw, = ec2.describe_internet_gateways(Filters=[{"Name": "tag:env", "Values": [ENV_A]}])["InternetGateways"]
+    assert igw["Attachments"][0]["VpcId"] == vpc["VpcId"]
+    rtb, = ec2.describe_route_tables(Filters=[{"Name": "tag:env", "Values": [ENV_A]}])["RouteTables"]
+    assert {"DestinationCidrBlock": "0.0.0.0/0", "GatewayId": igw["InternetGatewayId"]}.items() <= \
+        next(r for r in rtb["Routes"] if r.get("DestinationCidrBlock") == "0.0.0.0/0").items()
+    assert [a["SubnetId"] for a in rtb["Associations"] if a.get("SubnetId")] == [subnet["SubnetId"]]
+
+    sgs = {tags(g)["mlpipe_role"]: g for g in ec2.describe_security_groups(
+        Filters=[{"Name": "tag:env", "Values": [ENV_A]}])["SecurityGroups"]}
+    assert set(sgs) == {"lb", "model_servers", "trainers"}
+    assert all(g["VpcId"] == vpc["VpcId"] and tags(g).items() >= want.items() for g in sgs.values())
+
+    def ingress(g):  # {(port, source)}: every rule, CIDR or security group
+        out = set()
+        for p in g["IpPermissions"]:
+            assert p["IpProtocol"] == "tcp" and p["FromPort"] == p["ToPort"], p
+            out |= {(p["FromPort"], c["CidrIp"]) for c in p.get("IpRanges", [])}
+            out |= {(p["FromPort"], u["GroupId"]) for u in p.get("UserIdGroupPairs", [])}
+            assert not p.get("Ipv6Ranges") and not p.get("PrefixListIds"), p
+        return out
+    admin = "10.42.0.0/16"  # ec2_fleet_admin_cidrs empty: SSH from inside the VPC only
+    assert ingress(sgs["lb"]) == {(8080, "0.0.0.0/0"), (22, admin)}
+    assert ingress(sgs["model_servers"]) == {(8000, sgs["lb"]["GroupId"]), (22, admin)}  # the SG-to-SG rule
+    assert ingress(sgs["trainers"]) == {(22, admin)}
+
+    key, = ec2.describe_key_pairs(KeyNames=[f"mlpipe-{ENV_A}"])["KeyPairs"]
+    assert tags(key).items() >= want.items()
+
+    counts = {"lb": 1, "model_servers": 2, "trainers": 1}
+    types = {"lb": "t3.small", "model_servers": "t3.medium", "trainers": "t3.large"}
+    profiles = {"lb": "read", "model_servers": "read", "trainers": "write"}
+    for role, n in counts.items():
+        got = aws.instances(ENV_A, role)
+        assert len(got) == n, (role, got)
+        for i in got:
+            t = tags(i)
+            assert t.items() >= {**want, "mlpipe_role": role, "Name": f"mlpipe-{ENV_A}-{role.replace('_', '-')}",
+                                 "mlpipe_bucket": bucket}.items(), t
+            assert i["InstanceType"] == types[role] and i["ImageId"] == AMI_NEW  # newest x86_64 Debian 12
+            assert i["KeyName"] == f"mlpipe-{ENV_A}" and i["SubnetId"] == subnet["SubnetId"]
+            assert [g["GroupId"] for g in i["SecurityGroups"]] == [sgs[role]["GroupId"]]
+            assert i["IamInstanceProfile"]["Arn"].endswith(f"/mlpipe/{ENV_A}/mlpipe-{ENV_A}-registry-{profiles[role]}")
+
+    assert s3.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
+    rule, = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+    assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    assert s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"] == {
+        "BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True, "RestrictPublicBuckets": True}
+    assert {t["Key"]: t["Value"] for t in s3.get_bucket_tagging(Bucket=bucket)["TagSet"]}.items() >= want.items()
+
+    arn = f"arn:aws:s3:::{bucket}"
+    for level in ("read", "write"):
+        name = f"mlpipe-{ENV_A}-registry-{level}"
+        prof = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+        assert [r["RoleName"] for r in prof["Roles"]] == [name] and prof["Path"] == f"/mlpipe/{ENV_A}/"
+        role = iam.get_role(RoleName=name)["Role"]
+        assert {t["Key"]: t["Value"] for t in role["Tags"]}.items() >= want.items()
+        trust = role["AssumeRolePolicyDocument"]
+        trust = json.loads(trust) if isinstance(trust, str) else trust
+        assert trust["Statement"] == [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]
+        assert iam.list_role_policies(RoleName=name)["PolicyNames"] == [f"registry-{level}"]
+        assert iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"] == []
+        doc = iam.get_role_policy(RoleName=name, PolicyName=f"registry-{level}")["PolicyDocument"]
+        doc = json.loads(doc) if isinstance(doc, str) else doc
+        grants = {(a, s["Resource"]) for s in doc["Statement"] for a in s["Action"]}
+        assert all(s["Effect"] == "Allow" for s in doc["Statement"])
+        read = {("s3:ListBucket", arn), ("s3:GetBucketLocation", arn), ("s3:GetObject", arn + "/*"),
+                ("s3:GetObjectVersion", arn + "/*")}
+        write = {("s3:PutObject", arn + "/*"), ("s3:DeleteObject", arn + "/*"), ("s3:AbortMultipartUpload", arn + "/*")}
+        assert grants == (read if level == "read" else read | write), grants
+
+    assert f"registry bucket s3://{bucket}" in out and "next: ansible-inventory -i inventory/aws --graph" in out
+
+
+def test_second_run_changes_nothing(aws):
+    r = aws.playbook("provision.yml", "-e", f"env={ENV_A}")
+    ok(r)
+    assert changed(r) == 0, r.stdout[-5000:]
+
+
+def _haproxy(aws, servers: list[str]) -> Path:
+    """A real HAProxy with backend mlpipe (servers named as inventory/aws names hosts: their private
+    address) and an admin socket; returns the socket."""
+    sock = aws.tmp / "haproxy.sock"
+    cfg = aws.tmp / "haproxy.cfg"
+    cfg.write_text("\n".join([
+        "global", f"    stats socket {sock} mode 600 level admin",
+        "defaults", "    mode http", "    timeout connect 1s", "    timeout client 5s", "    timeout server 5s",
+        "frontend fe", f"    bind 127.0.0.1:{free_port()}", "    default_backend mlpipe",
+        "backend mlpipe", *[f"    server {s} 127.0.0.1:{free_port()}" for s in servers], ""]))
+    haproxy = shutil.which("haproxy", path="/usr/sbin:/usr/bin:/usr/local/sbin") or pytest.fail("haproxy is not installed (make test installs it)")
+    p = subprocess.Popen([haproxy, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    aws.procs.append(p)
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        assert p.poll() is None and time.monotonic() < deadline, "haproxy did not start"
+        time.sleep(0.05)
+    return sock
+
+
+def _admin_states(sock: Path) -> dict:
+    """server name -> HAProxy admin state (0 ready, 1 maintenance set through the socket)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        s.sendall(b"show servers state mlpipe\n")
+        text = s.makefile().read()
+    rows = [line.split() for line in text.splitlines()[1:] if line.strip() and not line.startswith("#")]
+    return {r[3]: int(r[6]) for r in rows}
+
+
+def test_grow_then_shrink_drains_and_terminates_the_newest(aws):
+    before = {i["InstanceId"] for i in aws.instances(ENV_A, "model_servers")}
+    r = aws.playbook("provision.yml", "-e", f"env={ENV_A}", "-e", "ec2_fleet_model_servers_count=3")
+    ok(r)
+    now = aws.instances(ENV_A, "model_servers")
+    assert len(now) == 3 and before < {i["InstanceId"] for i in now}  # the two stay, one is added
+    others = {role: {i["InstanceId"] for i in aws.instances(ENV_A, role)} for role in ("lb", "trainers")}
+
+    # A's balancer as the inventory gives it (inventory/aws gives instance_id and, through group_vars,
+    # load_balancer_socket): here a local host in front of a real HAProxy
+    lb, = aws.instances(ENV_A, "lb", ["running"])
+    sock = _haproxy(aws, [i["PrivateIpAddress"] for i in now])
+    inv = aws.tmp / "balancer.yml"
+    inv.write_text(json.dumps({"all": {"children": {"load_balancers": {"hosts": {"balancer": {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+        "instance_id": lb["InstanceId"], "load_balancer_socket": str(sock)}}}}}}))
+    order = newest_first(now)
+    gone, kept = order[:2], order[2:]
+    r = aws.playbook("provision.yml", "-i", str(inv), "-e", f"env={ENV_A}", "-e", "ec2_fleet_model_servers_count=1",
+                     "-e", "ec2_fleet_drain_grace=0")
+    out = " ".join(ok(r).split())
+    assert [i["InstanceId"] for i in aws.instances(ENV_A, "model_servers", ["running"])] == [kept[0]["InstanceId"]]
+    terminated = {i["InstanceId"]: i["State"]["Name"] for i in aws.instances(ENV_A, "model_servers", ["shutting-down", "terminated"])}
+    assert set(terminated) == {i["InstanceId"] for i in gone}, terminated
+    states = _admin_states(sock)
+    assert states == {**{i["PrivateIpAddress"]: 1 for i in gone}, kept[0]["PrivateIpAddress"]: 0}
+    assert "terminated from model_servers" in out and "rewrites HAProxy without the terminated model servers" in out
+    # the other groups kept running untouched
+    assert others == {role: {i["InstanceId"] for i in aws.instances(ENV_A, role, ["running"])} for role in ("lb", "trainers")}
+
+
+
+def test_inventory_groups_the_hosts(aws):
+    r = aws.run("ansible-inventory", "-i", "inventory/aws", "--list", "-e", f"env={ENV_A}")
+    inv = json.loads(ok(r))
+    want = {"load_balancers": "lb", "model_servers": "model_servers", "trainers": "trainers"}
+    for group, role in want.items():
+        hosts = set(inv.get(group, {}).get("hosts", []))
+        assert hosts == {i["PrivateIpAddress"] for i in aws.instances(ENV_A, role, ["running"])}, (group, inv.get(group))
+    graph = ok(aws.run("ansible-inventory", "-i", "inventory/aws", "--graph", "-e", f"env={ENV_A}"))
+    for group in want:
+        assert f"@{group}:" in graph
+
+
+def test_teardown_removes_only_its_env(aws):
+    small = ("-e", f"env={ENV_B}", "-e", "ec2_fleet_lb_count=0", "-e", "ec2_fleet_trainers_count=0")
+    ok(aws.playbook("provision.yml", *small, "-e", "ec2_fleet_model_servers_count=2"))
+    # B has no balancer: the shrink says so and terminates anyway (inventory/aws, as a user would run it)
+    out = " ".join(ok(aws.playbook("provision.yml", "-i", "inventory/aws", *small, "-e", "ec2_fleet_model_servers_count=1")).split())
+    assert "Not draining" in out and f"no balancer of env {ENV_B}" in out, out[-3000:]
+    b_before = aws.tagged(ENV_B)
+    assert len(b_before["instances"]) == 1 and len(b_before["buckets"]) == 1 and len(b_before["roles"]) == 2
+    assert len(b_before["instance_profiles"]) == 2 and len(b_before["security_groups"]) == 3
+    s3 = aws.client("s3")
+    bucket_a, = aws.tagged(ENV_A)["buckets"]
+    for body in (b"v1", b"v2"):  # versions and a delete marker: all must go
+        s3.put_object(Bucket=bucket_a, Key="registry/m/manifest.json", Body=body)
+    s3.delete_object(Bucket=bucket_a, Key="registry/m/manifest.json")
+
+    out = " ".join(ok(aws.playbook("teardown.yml", "-e", f"env={ENV_A}", "-e", "confirm=yes")).split())
+    assert f"kept the registry bucket(s) {bucket_a}" in out
+    left = aws.tagged(ENV_A)
+    assert left["buckets"] == [bucket_a] and not any(v for k, v in left.items() if k != "buckets"), left
+
+    out = ok(aws.playbook("teardown.yml", "-e", f"env={ENV_A}", "-e", "confirm=yes", "-e", "delete_bucket=yes"))
+    assert not any(aws.tagged(ENV_A).values()), aws.tagged(ENV_A)
+    assert bucket_a not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    assert aws.tagged(ENV_B) == b_before
