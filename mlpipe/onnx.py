@@ -282,44 +282,105 @@ def _forest_to_onnx(est, x1: np.ndarray, options: dict | None) -> bytes | None:
     full = forest_attributes([t.tree_ for t in forest.estimators_], classifier)
     if full is None:
         return None
-    # The lists go in as wire bytes built with numpy, which protobuf parses in C (several times faster
-    # than Python lists); it still writes them the way skl2onnx's lists are written (unpacked).
-    for n, a in attrs.items():
-        del getattr(a, fields[a.type])[:]
+    return _splice(model, nodes[0], {n: (a, _unpacked(a.type, full[n])) for n, a in attrs.items()}) \
+        or _merged(model, {n: (a, full[n]) for n, a in attrs.items()})
+
+
+def _unpacked(kind: int, values: np.ndarray) -> bytes:
+    """A repeated attribute list as protobuf writes it (onnx.proto is proto2: unpacked, each element
+    with its own tag), built with numpy."""
+    from onnx import AttributeProto
+    if kind == AttributeProto.FLOATS:              # field 7, fixed32: tag 0x3d + 4 bytes each
+        out = np.empty((len(values), 5), dtype=np.uint8)
+        out[:, 0] = 0x3D
+        out[:, 1:] = np.ascontiguousarray(values, dtype="<f4").view(np.uint8).reshape(-1, 4)
+        return out.tobytes()
+    if kind == AttributeProto.INTS:                # field 8, varint: tag 0x40 + varint each
+        return _varints(values, tag=0x40)
+    items = values.tolist()                        # field 9, bytes: tag 0x4a + length + bytes each
+    wire = {v: b"\x4a" + _varint(len(v)) + v for v in set(items)}  # few distinct values (LEAF, BRANCH_LEQ)
+    return b"".join(map(wire.__getitem__, items))
+
+
+def _splice(model, node, lists: dict) -> bytes | None:
+    """The model's bytes with ``lists`` ({name: (attribute, its elements as wire bytes)}) written
+    into ``node``'s attributes, without protobuf parsing and re-serializing megabytes: each list is
+    serialized as a unique placeholder, which is replaced by the real bytes, and the length prefixes
+    around it (the attribute's in the node, the node's in the graph, the graph's in the model) are
+    rewritten. None when a placeholder or a field is not found exactly once (the caller then lets
+    protobuf do it). Tests compare the result with skl2onnx's own bytes."""
+    import os
+    from onnx import AttributeProto
+    marks = {}
+    for name, (a, _) in lists.items():
+        key = int.from_bytes(os.urandom(8), "little") >> 2
+        if a.type == AttributeProto.FLOATS:
+            values = np.frombuffer(os.urandom(12), dtype="<u4") & np.uint32(0x3EFFFFFF)  # finite floats
+            a.floats[:] = values.view("<f4").tolist()
+            marks[name] = _unpacked(a.type, values.view("<f4"))
+        elif a.type == AttributeProto.INTS:
+            a.ints[:] = [key, key ^ 0x5A5A5A5A]
+            marks[name] = _unpacked(a.type, np.array([key, key ^ 0x5A5A5A5A], dtype=np.int64))
+        else:
+            a.strings[:] = [b"\0mlpipe-placeholder-" + key.to_bytes(8, "little")]
+            marks[name] = _unpacked(a.type, np.array(list(a.strings), dtype=object))
+    node_bytes, graph_bytes, model_bytes = node.SerializeToString(), model.graph.SerializeToString(), model.SerializeToString()
+    # the node as parts: its own bytes between the attributes that change, and each of those rebuilt
+    # (its head with the new length, its bytes before the placeholder, the list, its bytes after)
+    cuts = []
+    for name, mark in marks.items():
+        old = lists[name][0].SerializeToString()
+        at = _find_field(node_bytes, b"\x2a", old)                 # NodeProto.attribute = 5
+        if at is None or old.count(mark) != 1:
+            return None
+        i = old.index(mark)
+        body = [old[:i], lists[name][1], old[i + len(mark):]]
+        cuts.append((at[0], at[1], [b"\x2a" + _varint(sum(map(len, body))), *body]))
+    cuts.sort(key=lambda c: c[0])
+    node_parts, pos = [], 0
+    for begin, end, parts in cuts:
+        if begin < pos:
+            return None
+        node_parts += [node_bytes[pos:begin], *parts]
+        pos = end
+    node_parts.append(node_bytes[pos:])
+    in_graph = _find_field(graph_bytes, b"\x0a", node_bytes)        # GraphProto.node = 1
+    in_model = _find_field(model_bytes, b"\x3a", graph_bytes)       # ModelProto.graph = 7
+    if in_graph is None or in_model is None:
+        return None
+    node_size = sum(map(len, node_parts))
+    graph_parts = [graph_bytes[:in_graph[0]], b"\x0a" + _varint(node_size), *node_parts, graph_bytes[in_graph[1]:]]
+    graph_size = sum(map(len, graph_parts))
+    return b"".join([model_bytes[:in_model[0]], b"\x3a" + _varint(graph_size), *graph_parts, model_bytes[in_model[1]:]])
+
+
+def _find_field(outer: bytes, tag: bytes, inner: bytes) -> tuple[int, int] | None:
+    """(start, end) in ``outer`` of its one length-delimited field ``tag`` holding ``inner``, or None
+    when it is not there exactly once."""
+    field = tag + _varint(len(inner)) + inner
+    if outer.count(field) != 1:
+        return None
+    at = outer.index(field)
+    return at, at + len(field)
+
+
+def _merged(model, lists: dict) -> bytes:
+    """The same bytes as :func:`_splice`, through protobuf: each list merged from packed wire bytes
+    (parsed in C, several times faster than Python lists), then the model serialized."""
+    from onnx import AttributeProto
+    for a, values in lists.values():
         if a.type == AttributeProto.FLOATS:    # field 7 (floats), packed little-endian float32
-            data = full[n].astype("<f4").tobytes()
+            data = np.ascontiguousarray(values, dtype="<f4").tobytes()
+            a.floats[:] = []
             a.MergeFromString(b"\x3a" + _varint(len(data)) + data)
         elif a.type == AttributeProto.INTS:    # field 8 (ints), packed varints
-            data = _varints(full[n])
+            data = _varints(values)
+            a.ints[:] = []
             a.MergeFromString(b"\x42" + _varint(len(data)) + data)
-        else:                                  # field 9 (strings), one tag + length + bytes each
-            items = full[n].tolist()             # few distinct values (LEAF, BRANCH_LEQ): encode each once
-            wire = {v: b"\x4a" + _varint(len(v)) + v for v in set(items)}
-            a.MergeFromString(b"".join(map(wire.__getitem__, items)))
+        else:                                  # field 9 (strings): unpacked is the only way
+            a.strings[:] = []
+            a.MergeFromString(_unpacked(a.type, values))
     return model.SerializeToString()
-
-
-def _varints(values: np.ndarray) -> bytes:
-    """Protobuf varints of int64 values, concatenated (negative values as their 10-byte two's complement)."""
-    v = np.ascontiguousarray(values, dtype=np.int64).view(np.uint64)
-    if not len(v):
-        return b""
-    top, width = v.max(), 1
-    while width < 10 and top >= np.uint64(1 << (7 * width)):
-        width += 1
-    if width == 1:                                 # every value below 128 (ids of classes, features): one byte each
-        return v.astype(np.uint8).tobytes()
-    size = np.ones(len(v), dtype=np.int64)
-    for k in range(1, width):
-        size += v >= np.uint64(1 << (7 * k))
-    start = np.cumsum(size) - size
-    out = np.empty(int(start[-1] + size[-1]), dtype=np.uint8)
-    for k in range(width):
-        at = np.flatnonzero(size > k) if k else slice(None)
-        byte = (v[at] >> np.uint64(7 * k)) & np.uint64(0x7F)
-        more = (size[at] > k + 1).astype(np.uint64) << np.uint64(7)
-        out[start[at] + k] = (byte | more).astype(np.uint8)
-    return out.tobytes()
 
 
 def _varint(n: int) -> bytes:
@@ -329,6 +390,37 @@ def _varint(n: int) -> bytes:
         n >>= 7
         if not n:
             return bytes(out)
+
+
+def _varints(values: np.ndarray, tag: int | None = None) -> bytes:
+    """Protobuf varints of int64 values, concatenated (negative values as their 10-byte two's
+    complement); with ``tag``, that byte before each one (an unpacked repeated field)."""
+    v = np.ascontiguousarray(values, dtype=np.int64).view(np.uint64)
+    if not len(v):
+        return b""
+    top, width = v.max(), 1
+    while width < 10 and top >= np.uint64(1 << (7 * width)):
+        width += 1
+    lead = 0 if tag is None else 1
+    if width == 1:                                 # every value below 128 (ids of classes, features): one byte each
+        if tag is None:
+            return v.astype(np.uint8).tobytes()
+        out = np.empty((len(v), 2), dtype=np.uint8)
+        out[:, 0], out[:, 1] = tag, v
+        return out.tobytes()
+    size = np.ones(len(v), dtype=np.int64)
+    for k in range(1, width):
+        size += v >= np.uint64(1 << (7 * k))
+    start = np.cumsum(size + lead) - size          # where each value's first varint byte goes
+    out = np.empty(int(start[-1] + size[-1]), dtype=np.uint8)
+    if lead:
+        out[start - 1] = tag
+    for k in range(width):
+        at = np.flatnonzero(size > k) if k else slice(None)
+        byte = (v[at] >> np.uint64(7 * k)) & np.uint64(0x7F)
+        more = (size[at] > k + 1).astype(np.uint64) << np.uint64(7)
+        out[start[at] + k] = (byte | more).astype(np.uint8)
+    return out.tobytes()
 
 
 def session(data: bytes):

@@ -512,10 +512,7 @@ class Registry:
         manifest["version"] = n
         uploaded = []
         try:
-            for fname in manifest["files"]:
-                key = f"{name}/versions/{n}/{fname}"
-                self.store.put(key, (workdir / fname).read_bytes(), exclusive=True)
-                uploaded.append(key)
+            self._upload(workdir, [(f"{name}/versions/{n}/{fname}", fname) for fname in manifest["files"]], uploaded)
             self.store.put(f"{name}/versions/{n}/{artifact.MANIFEST}",
                            json.dumps(manifest, indent=2, default=str).encode(), exclusive=True)
         except BaseException:
@@ -531,6 +528,34 @@ class Registry:
         except Exception as exc:  # the version exists; a missing ledger line must not hide it
             log.warning("version %s:%s registered but its ledger event failed: %s", name, n, exc)
         return manifest
+
+    def _upload(self, workdir: Path, items: list[tuple[str, str]], uploaded: list[str]) -> None:
+        """Put each (key, file in workdir) into the store, up to four at a time (reads, writes, fsyncs
+        and S3 requests wait without the GIL), appending each key to ``uploaded`` once it is there.
+        The first error is raised after the others have finished or been cancelled."""
+        if len(items) < 2:
+            for key, fname in items:
+                self.store.put(key, (workdir / fname).read_bytes(), exclusive=True)
+                uploaded.append(key)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        def put(key: str, fname: str) -> str:
+            self.store.put(key, (workdir / fname).read_bytes(), exclusive=True)
+            return key
+        with ThreadPoolExecutor(max_workers=min(4, len(items)), thread_name_prefix="mlpipe-upload") as pool:
+            futures = [pool.submit(put, key, fname) for key, fname in items]
+            error = None
+            for future in futures:
+                try:
+                    uploaded.append(future.result())
+                except BaseException as exc:  # keep collecting: every key that made it must be known
+                    if error is None:
+                        error = exc
+                        for other in futures:
+                            other.cancel()
+        if error is not None:
+            raise error
 
     def promote(self, ref: str, alias: str, reason: str = "") -> dict:
         check_alias(alias)

@@ -370,3 +370,23 @@ def test_sql_password_is_never_stored(tmp_path):
     for f in (tmp_path / "reg").rglob("*"):
         if f.is_file():
             assert b"secret" not in f.read_bytes(), f
+
+
+@pytest.mark.integration
+def test_register_that_fails_midway_leaves_no_file_behind(built, tmp_path):
+    """The version's files go up several at a time; when one upload fails, the others (finished or
+    not) are removed, the error is the store's own, and the next registration takes the next number."""
+    reg = Registry(str(tmp_path / "reg"))
+    put = reg.store.put
+
+    def failing(key, data, exclusive=False):
+        if key.endswith(f"/{artifact.MODEL_FILE}"):
+            raise RegistryError(f"cannot write {key}: disk full")
+        return put(key, data, exclusive)
+    reg.store.put = failing
+    assert len(artifact.read_manifest(built)["files"]) >= 2  # several files, so they go up in parallel
+    with pytest.raises(RegistryError, match="disk full"):
+        reg.register(built)
+    assert [p for p in (tmp_path / "reg").rglob("versions/*/*") if p.is_file()] == []
+    reg.store.put = put
+    assert reg.register(built)["version"] == 2  # the failed attempt's number stays claimed, unused

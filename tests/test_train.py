@@ -143,6 +143,18 @@ def test_forest_onnx_is_what_skl2onnx_writes_byte_for_byte(case):
     assert fast == to_onnx(est, x1, options=options).SerializeToString()
 
 
+def test_forest_onnx_fallback_through_protobuf_writes_the_same_bytes(monkeypatch):
+    """When the byte splice cannot place its lists (it returns None), protobuf merges them: same model."""
+    from skl2onnx import to_onnx
+    monkeypatch.setattr(onnx, "_splice", lambda *a, **k: None)
+    for case in ("rf-binary", "et-regressor"):
+        est, X, y, classifier = _forest(case)
+        est.fit(X, y)
+        x1 = X[:1].astype(np.float32)
+        options = {id(est): {"zipmap": False}} if classifier else None
+        assert onnx._forest_to_onnx(est, x1, options) == to_onnx(est, x1, options=options).SerializeToString()
+
+
 def test_varints_are_protobufs_own_encoding():
     """The int lists go into the ONNX model as packed varints built with numpy; protobuf's own
     encoder is the reference (negative values take ten bytes, wide values several)."""
@@ -155,6 +167,9 @@ def test_varints_are_protobufs_own_encoding():
         got = AttributeProto(name="x", type=AttributeProto.INTS)
         got.MergeFromString(b"\x42" + onnx._varint(len(data)) + data)
         assert got.SerializeToString() == want
+        # unpacked (a tag before each), as onnx's proto2 lists are written
+        head = AttributeProto(name="x", type=AttributeProto.INTS).SerializeToString()
+        assert want == head[:3] + onnx._unpacked(AttributeProto.INTS, np.array(values, dtype=np.int64)) + head[3:]
 
 
 def test_forest_numpy_attributes_round_thresholds_like_skl2onnx():
