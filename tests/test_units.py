@@ -1,5 +1,6 @@
-"""The model server's systemd unit, rendered by Ansible from the role's template with the role's own
-defaults and vars, passes `systemd-analyze verify` and is hardened (no systemd needs to run)."""
+"""The systemd units, rendered by Ansible from the roles' templates with the roles' own defaults and
+vars, pass `systemd-analyze verify` and are hardened (no systemd needs to run): the model server's
+(roles/model_server) and HAProxy's (roles/load_balancer, load_balancer_supervisor: systemd)."""
 import os
 import subprocess
 import sys
@@ -9,9 +10,10 @@ from conftest import ROOT, which
 
 BIN = Path(sys.executable).parent
 ROLE = ROOT / "roles" / "model_server"
+LB_ROLE = ROOT / "roles" / "load_balancer"
 
 PLAYBOOK = """---
-- name: Render the model server's unit
+- name: Render a role's unit
   hosts: localhost
   gather_facts: false
   vars_files:
@@ -20,16 +22,17 @@ PLAYBOOK = """---
   tasks:
     - name: Render the unit
       ansible.builtin.template:
-        src: {role}/templates/mlpipe.service.j2
+        src: {role}/templates/{template}
         dest: "{{{{ unit_dest }}}}"
         mode: "0644"
 """
 
 
-def render(tmp_path: Path, **extra: str) -> str:
+def render(tmp_path: Path, role: Path = ROLE, template: str = "mlpipe.service.j2", name: str = "mlpipe-credit-risk.service",
+           **extra: str) -> str:
     playbook = tmp_path / "render.yml"
-    playbook.write_text(PLAYBOOK.format(role=ROLE))
-    dest = tmp_path / "mlpipe-credit-risk.service"
+    playbook.write_text(PLAYBOOK.format(role=role, template=template))
+    dest = tmp_path / name
     args = {"unit_dest": str(dest), "mlpipe_common_root": "/srv/mlpipe", "mlpipe_common_venv": str(BIN.parent),
             "mlpipe_common_user": "mlpipe", **extra}
     cmd = [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", str(playbook),
@@ -81,4 +84,31 @@ def test_unit_without_a_service_user_is_valid(tmp_path):
 def test_a_broken_unit_fails_verify(tmp_path):
     """The check can fail: a unit whose ExecStart does not exist is refused."""
     unit = render(tmp_path, mlpipe_common_venv="/nonexistent/venv")
+    assert verify(unit).returncode != 0
+
+
+def render_lb(tmp_path: Path, **extra: str) -> str:
+    return render(tmp_path, role=LB_ROLE, template="haproxy.service.j2", name="mlpipe-haproxy.service",
+                  load_balancer_supervisor="systemd", **extra)
+
+
+def test_haproxy_unit_is_valid_and_reloads_in_place(tmp_path):
+    haproxy = which("haproxy")
+    unit = render_lb(tmp_path, load_balancer_haproxy_bin=haproxy)
+    r = verify(unit)
+    assert r.returncode == 0 and unit not in r.stdout + r.stderr, r.stdout + r.stderr
+    d = directives(unit)
+    # master-worker with sd_notify, as Debian's haproxy.service; our configuration and pidfile
+    assert d["Type"] == ["notify"]
+    assert d["ExecStart"] == [f"{haproxy} -Ws -f /srv/mlpipe/etc/haproxy.cfg -p /srv/mlpipe/run/haproxy.pid"]
+    # a reload checks the configuration first, then USR2 to the master (new workers, old ones finish)
+    assert d["ExecReload"] == [f"{haproxy} -Ws -f /srv/mlpipe/etc/haproxy.cfg -c -q", "/bin/kill -USR2 $MAINPID"]
+    assert d["KillMode"] == ["mixed"] and d["Restart"] == ["always"] and d["WantedBy"] == ["multi-user.target"]
+    assert d["ReadWritePaths"] == ["/srv/mlpipe/run"]
+    for key, value in {"ProtectSystem": "strict", "NoNewPrivileges": "yes", "PrivateTmp": "yes"}.items():
+        assert d.get(key) == [value], (key, d.get(key))
+
+
+def test_haproxy_unit_with_a_missing_binary_fails_verify(tmp_path):
+    unit = render_lb(tmp_path, load_balancer_haproxy_bin="/nonexistent/haproxy")
     assert verify(unit).returncode != 0

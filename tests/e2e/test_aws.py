@@ -9,8 +9,11 @@ ed25519 key, exactly as a user's shell would give them. Everything is checked th
 In order, on one moto: refusals (no env, bad env, bad count, no key, teardown unconfirmed); provision
 env A and assert every resource and rule; a second run reports changed=0; model_servers 2 -> 3 -> 1,
 the newest removed first, drained in a real HAProxy (admin socket) that the inventory names as A's
-balancer before they are terminated; ansible-inventory -i inventory/aws groups; env B provisioned beside
-A; teardown of A (with the bucket) leaves nothing tagged env=A and B untouched.
+balancer before they are terminated; ansible-inventory -i inventory/aws groups, and the registry bucket
+inventory/aws gives the hosts and the controller (from the instances' mlpipe_bucket tag); env B provisioned
+beside A with its own bucket name and ec2_fleet_deploy_from_trainers (ec2:DescribeInstances for its
+trainers only), which inventory/aws finds with no -e; teardown of A (with the bucket) leaves nothing
+tagged env=A and B untouched.
 """
 from __future__ import annotations
 
@@ -350,11 +353,47 @@ def test_inventory_groups_the_hosts(aws):
     graph = ok(aws.run("ansible-inventory", "-i", "inventory/aws", "--graph", "-e", f"env={ENV_A}"))
     for group in want:
         assert f"@{group}:" in graph
+    account = aws.client("sts").get_caller_identity()["Account"]
+    hosts = {i["PrivateIpAddress"] for role in want.values() for i in aws.instances(ENV_A, role, ["running"])}
+    assert registries(aws, ENV_A) == {**{h: f"s3://mlpipe-{ENV_A}-registry-{account}/" for h in hosts},
+                                      "localhost": f"s3://mlpipe-{ENV_A}-registry-{account}/"}
+
+
+def registries(aws, env: str, *extra: str) -> dict:
+    """mlpipe_registry as inventory/aws gives it to every host of env and to the controller's localhost
+    (debug runs on the controller: nothing connects to the hosts)."""
+    r = aws.run("ansible", "-i", "inventory/aws", "load_balancers:model_servers:trainers:localhost", "-e", f"env={env}",
+                *extra, "-m", "ansible.builtin.debug", "-a", "var=mlpipe_registry")
+    out = ok(r)
+    # ansible.cfg's result_format yaml: "HOST | SUCCESS => " then "    mlpipe_registry: s3://.../"
+    got = dict(re.findall(r"^(\S+) \| SUCCESS => \s*\n\s+mlpipe_registry: (\S+)$", out, re.M))
+    assert got, out
+    return got
 
 
 def test_teardown_removes_only_its_env(aws):
-    small = ("-e", f"env={ENV_B}", "-e", "ec2_fleet_lb_count=0", "-e", "ec2_fleet_trainers_count=0")
+    bucket_b = f"mlpipe-{ENV_B}-own-name"
+    # B's own network range: inventory/aws names hosts by private address, and two envs on the default
+    # 10.42.0.0/16 hand out the same addresses (one name for two hosts)
+    small = ("-e", f"env={ENV_B}", "-e", "ec2_fleet_lb_count=0", "-e", "ec2_fleet_trainers_count=0",
+             "-e", f"ec2_fleet_bucket={bucket_b}", "-e", "ec2_fleet_deploy_from_trainers=true",
+             "-e", "ec2_fleet_vpc_cidr=10.43.0.0/16", "-e", "ec2_fleet_subnet_cidr=10.43.1.0/24")
     ok(aws.playbook("provision.yml", *small, "-e", "ec2_fleet_model_servers_count=2"))
+    # deploys from the trainers: their policy (only theirs) also lists instances, for inventory/aws
+    iam = aws.client("iam")
+    for level in ("read", "write"):
+        doc = iam.get_role_policy(RoleName=f"mlpipe-{ENV_B}-registry-{level}", PolicyName=f"registry-{level}")["PolicyDocument"]
+        doc = json.loads(doc) if isinstance(doc, str) else doc
+        grants = {(a, s["Resource"]) for s in doc["Statement"] for a in s["Action"]}
+        assert (("ec2:DescribeInstances", "*") in grants) == (level == "write"), (level, grants)
+        assert {a for a, _ in grants} - {"ec2:DescribeInstances"} <= {
+            "s3:ListBucket", "s3:GetBucketLocation", "s3:GetObject", "s3:GetObjectVersion", "s3:PutObject",
+            "s3:DeleteObject", "s3:AbortMultipartUpload"}, grants
+    # B's own bucket name reaches its hosts and the controller through the instances' tag, with no -e;
+    # -e mlpipe_registry_bucket still overrides it
+    b_hosts = {i["PrivateIpAddress"] for i in aws.instances(ENV_B, "model_servers", ["running"])}
+    assert registries(aws, ENV_B) == {**{h: f"s3://{bucket_b}/" for h in b_hosts}, "localhost": f"s3://{bucket_b}/"}
+    assert set(registries(aws, ENV_B, "-e", "mlpipe_registry_bucket=elsewhere").values()) == {"s3://elsewhere/"}
     # B has no balancer: the shrink says so and terminates anyway (inventory/aws, as a user would run it)
     out = " ".join(ok(aws.playbook("provision.yml", "-i", "inventory/aws", *small, "-e", "ec2_fleet_model_servers_count=1")).split())
     assert "Not draining" in out and f"no balancer of env {ENV_B}" in out, out[-3000:]
