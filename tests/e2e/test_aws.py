@@ -282,8 +282,8 @@ def test_second_run_changes_nothing(aws):
 
 
 def _haproxy(aws, servers: list[str]) -> Path:
-    """A real HAProxy with backend mlpipe (servers named as inventory/aws names hosts: their private
-    address) and an admin socket; returns the socket."""
+    """A real HAProxy with backend mlpipe (servers named as inventory/aws names hosts: their instance
+    id) and an admin socket; returns the socket."""
     sock = aws.tmp / "haproxy.sock"
     cfg = aws.tmp / "haproxy.cfg"
     cfg.write_text("\n".join([
@@ -319,14 +319,14 @@ def test_grow_then_shrink_drains_and_terminates_the_newest(aws):
     assert len(now) == 3 and before < {i["InstanceId"] for i in now}  # the two stay, one is added
     others = {role: {i["InstanceId"] for i in aws.instances(ENV_A, role)} for role in ("lb", "trainers")}
 
-    # A's balancer as the inventory gives it (inventory/aws gives instance_id and, through group_vars,
+    # A's balancer as the inventory gives it (inventory/aws gives ec2_instance_id and, through group_vars,
     # load_balancer_socket): here a local host in front of a real HAProxy
     lb, = aws.instances(ENV_A, "lb", ["running"])
-    sock = _haproxy(aws, [i["PrivateIpAddress"] for i in now])
+    sock = _haproxy(aws, [i["InstanceId"] for i in now])
     inv = aws.tmp / "balancer.yml"
     inv.write_text(json.dumps({"all": {"children": {"load_balancers": {"hosts": {"balancer": {
         "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
-        "instance_id": lb["InstanceId"], "load_balancer_socket": str(sock)}}}}}}))
+        "ec2_instance_id": lb["InstanceId"], "load_balancer_socket": str(sock)}}}}}}))
     order = newest_first(now)
     gone, kept = order[:2], order[2:]
     r = aws.playbook("provision.yml", "-i", str(inv), "-e", f"env={ENV_A}", "-e", "ec2_fleet_model_servers_count=1",
@@ -336,7 +336,7 @@ def test_grow_then_shrink_drains_and_terminates_the_newest(aws):
     terminated = {i["InstanceId"]: i["State"]["Name"] for i in aws.instances(ENV_A, "model_servers", ["shutting-down", "terminated"])}
     assert set(terminated) == {i["InstanceId"] for i in gone}, terminated
     states = _admin_states(sock)
-    assert states == {**{i["PrivateIpAddress"]: 1 for i in gone}, kept[0]["PrivateIpAddress"]: 0}
+    assert states == {**{i["InstanceId"]: 1 for i in gone}, kept[0]["InstanceId"]: 0}
     assert "terminated from model_servers" in out and "rewrites HAProxy without the terminated model servers" in out
     # the other groups kept running untouched
     assert others == {role: {i["InstanceId"] for i in aws.instances(ENV_A, role, ["running"])} for role in ("lb", "trainers")}
@@ -349,12 +349,16 @@ def test_inventory_groups_the_hosts(aws):
     want = {"load_balancers": "lb", "model_servers": "model_servers", "trainers": "trainers"}
     for group, role in want.items():
         hosts = set(inv.get(group, {}).get("hosts", []))
-        assert hosts == {i["PrivateIpAddress"] for i in aws.instances(ENV_A, role, ["running"])}, (group, inv.get(group))
+        assert hosts == {i["InstanceId"] for i in aws.instances(ENV_A, role, ["running"])}, (group, inv.get(group))
+        # named by instance id, reached on the private address
+        reached = [inv["_meta"]["hostvars"][h]["ansible_host"] for h in hosts]
+        reached = {v.get("__ansible_unsafe", str(v)) if isinstance(v, dict) else v for v in reached}  # --list marks unsafe text
+        assert reached == {i["PrivateIpAddress"] for i in aws.instances(ENV_A, role, ["running"])}, reached
     graph = ok(aws.run("ansible-inventory", "-i", "inventory/aws", "--graph", "-e", f"env={ENV_A}"))
     for group in want:
         assert f"@{group}:" in graph
     account = aws.client("sts").get_caller_identity()["Account"]
-    hosts = {i["PrivateIpAddress"] for role in want.values() for i in aws.instances(ENV_A, role, ["running"])}
+    hosts = {i["InstanceId"] for role in want.values() for i in aws.instances(ENV_A, role, ["running"])}
     assert registries(aws, ENV_A) == {**{h: f"s3://mlpipe-{ENV_A}-registry-{account}/" for h in hosts},
                                       "localhost": f"s3://mlpipe-{ENV_A}-registry-{account}/"}
 
@@ -373,11 +377,10 @@ def registries(aws, env: str, *extra: str) -> dict:
 
 def test_teardown_removes_only_its_env(aws):
     bucket_b = f"mlpipe-{ENV_B}-own-name"
-    # B's own network range: inventory/aws names hosts by private address, and two envs on the default
-    # 10.42.0.0/16 hand out the same addresses (one name for two hosts)
+    # B on the same default network range as A: the two envs hand out the same private addresses, and
+    # inventory/aws names hosts by instance id, so no host of one env takes another's name or variables
     small = ("-e", f"env={ENV_B}", "-e", "ec2_fleet_lb_count=0", "-e", "ec2_fleet_trainers_count=0",
-             "-e", f"ec2_fleet_bucket={bucket_b}", "-e", "ec2_fleet_deploy_from_trainers=true",
-             "-e", "ec2_fleet_vpc_cidr=10.43.0.0/16", "-e", "ec2_fleet_subnet_cidr=10.43.1.0/24")
+             "-e", f"ec2_fleet_bucket={bucket_b}", "-e", "ec2_fleet_deploy_from_trainers=true")
     ok(aws.playbook("provision.yml", *small, "-e", "ec2_fleet_model_servers_count=2"))
     # deploys from the trainers: their policy (only theirs) also lists instances, for inventory/aws
     iam = aws.client("iam")
@@ -391,7 +394,7 @@ def test_teardown_removes_only_its_env(aws):
             "s3:DeleteObject", "s3:AbortMultipartUpload"}, grants
     # B's own bucket name reaches its hosts and the controller through the instances' tag, with no -e;
     # -e mlpipe_registry_bucket still overrides it
-    b_hosts = {i["PrivateIpAddress"] for i in aws.instances(ENV_B, "model_servers", ["running"])}
+    b_hosts = {i["InstanceId"] for i in aws.instances(ENV_B, "model_servers", ["running"])}
     assert registries(aws, ENV_B) == {**{h: f"s3://{bucket_b}/" for h in b_hosts}, "localhost": f"s3://{bucket_b}/"}
     assert set(registries(aws, ENV_B, "-e", "mlpipe_registry_bucket=elsewhere").values()) == {"s3://elsewhere/"}
     # B has no balancer: the shrink says so and terminates anyway (inventory/aws, as a user would run it)
