@@ -6,14 +6,20 @@ the default AMI lookup runs as on AWS). The playbooks get nothing but the standa
 (AWS_ENDPOINT_URL, dummy credentials, AWS_DEFAULT_REGION) and a temporary HOME with a generated
 ed25519 key, exactly as a user's shell would give them. Everything is checked through boto3.
 
-In order, on one moto: refusals (no env, bad env, bad count, no key, teardown unconfirmed); provision
-env A and assert every resource and rule; a second run reports changed=0; model_servers 2 -> 3 -> 1,
-the newest removed first, drained in a real HAProxy (admin socket) that the inventory names as A's
-balancer before they are terminated; ansible-inventory -i inventory/aws groups, and the registry bucket
-inventory/aws gives the hosts and the controller (from the instances' mlpipe_bucket tag); env B provisioned
-beside A with its own bucket name and ec2_fleet_deploy_from_trainers (ec2:DescribeInstances for its
-trainers only), which inventory/aws finds with no -e; teardown of A (with the bucket) leaves nothing
-tagged env=A and B untouched.
+In order, on one moto: refusals (no env, bad env, bad count, no key, a KMS key that is not an ARN,
+teardown unconfirmed: it names the account and region); provision env A and assert every resource and
+rule (the balancer without an instance profile); a second run reports changed=0; model_servers 2 -> 3,
+then a shrink refused while A's balancer is in the inventory but unreachable (nothing terminated), the
+same shrink with -e ec2_fleet_drain_required=false, then 2 -> 1 drained in a real HAProxy (admin socket)
+that the inventory names as A's balancer before termination; ansible-inventory -i inventory/aws groups,
+the registry bucket inventory/aws gives the hosts and the controller (from the instances' mlpipe_bucket
+tag) and the region in the trainers' job environment; env C in a VPC given by id, where a subnet, a key
+pair and a bucket that are not C's are refused (nothing created), then C provisioned, a second public
+key refused and then rotated with -e ec2_fleet_rotate_key=yes, and teardown leaves the user's VPC,
+subnet and the other bucket; env B provisioned beside A with its own bucket name and
+ec2_fleet_deploy_from_trainers (ec2:DescribeInstances for its trainers only), which inventory/aws finds
+with no -e, shrunk without a balancer (lb count 0: nothing to drain); teardown of A (with the bucket)
+leaves nothing tagged env=A and B untouched; teardown of B finds its bucket from the instances' tag.
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-ENV_A, ENV_B = "awstest", "awsother"
+ENV_A, ENV_B, ENV_C = "awstest", "awsother", "awsgiven"
 DEBIAN = "136693071363"
 AMI_OLD, AMI_NEW, AMI_ARM = "ami-0deb12a0000000001", "ami-0deb12b0000000002", "ami-0deb12c0000000003"
 ALIVE = ["pending", "running", "stopping", "stopped"]
@@ -184,8 +190,14 @@ def test_bad_input_is_refused_with_a_clear_message(aws):
     assert r.returncode != 0 and "no SSH public key" in out and "id_ed25519.pub" in out and "id_rsa.pub" in out, out[-3000:]
     r = aws.playbook("provision.yml", "-e", f"env={ENV_A}", "-e", "ec2_fleet_public_key_file=/nonexistent/key.pub")
     assert r.returncode != 0 and "/nonexistent/key.pub" in r.stdout and "does not exist" in r.stdout
+    r = aws.playbook("provision.yml", "-e", f"env={ENV_A}", "-e", "ec2_fleet_bucket_encryption=aws:kms",
+                     "-e", "ec2_fleet_bucket_kms_key_id=alias/registry")
+    assert r.returncode != 0 and "is not a KMS key ARN" in " ".join(r.stdout.split()), r.stdout[-3000:]
     r = aws.playbook("teardown.yml", "-e", f"env={ENV_A}")  # no terminal (stdin /dev/null), no confirm=yes
-    assert r.returncode != 0 and "Refusing" in r.stdout and "-e confirm=yes" in r.stdout
+    out = " ".join(r.stdout.split())
+    account = aws.client("sts").get_caller_identity()["Account"]
+    assert r.returncode != 0 and "Refusing" in out and "-e confirm=yes" in out, out[-3000:]
+    assert f"in AWS account {account}" in out and "region us-east-1 without confirmation" in out, out[-3000:]
     # nothing was created by any of these
     assert not any(aws.tagged(ENV_A).values())
 
@@ -231,7 +243,7 @@ def test_provision_creates_every_resource_and_rule(aws):
 
     counts = {"lb": 1, "model_servers": 2, "trainers": 1}
     types = {"lb": "t3.small", "model_servers": "t3.medium", "trainers": "t3.large"}
-    profiles = {"lb": "read", "model_servers": "read", "trainers": "write"}
+    profiles = {"lb": None, "model_servers": "read", "trainers": "write"}  # the balancer needs no AWS access
     for role, n in counts.items():
         got = aws.instances(ENV_A, role)
         assert len(got) == n, (role, got)
@@ -242,7 +254,10 @@ def test_provision_creates_every_resource_and_rule(aws):
             assert i["InstanceType"] == types[role] and i["ImageId"] == AMI_NEW  # newest x86_64 Debian 12
             assert i["KeyName"] == f"mlpipe-{ENV_A}" and i["SubnetId"] == subnet["SubnetId"]
             assert [g["GroupId"] for g in i["SecurityGroups"]] == [sgs[role]["GroupId"]]
-            assert i["IamInstanceProfile"]["Arn"].endswith(f"/mlpipe/{ENV_A}/mlpipe-{ENV_A}-registry-{profiles[role]}")
+            if profiles[role]:
+                assert i["IamInstanceProfile"]["Arn"].endswith(f"/mlpipe/{ENV_A}/mlpipe-{ENV_A}-registry-{profiles[role]}")
+            else:
+                assert "IamInstanceProfile" not in i, i
 
     assert s3.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
     rule, = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
@@ -319,22 +334,44 @@ def test_grow_then_shrink_drains_and_terminates_the_newest(aws):
     assert len(now) == 3 and before < {i["InstanceId"] for i in now}  # the two stay, one is added
     others = {role: {i["InstanceId"] for i in aws.instances(ENV_A, role)} for role in ("lb", "trainers")}
 
+    # A's balancer in the inventory but unreachable (the controller outside the VPC): the shrink is
+    # refused before anything is terminated, and says what to do
+    lb, = aws.instances(ENV_A, "lb", ["running"])
+    far = aws.tmp / "far-balancer.yml"
+    far.write_text(json.dumps({"all": {"children": {"load_balancers": {"hosts": {"balancer": {
+        "ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": free_port(), "ansible_user": "nobody",
+        "ec2_instance_id": lb["InstanceId"], "load_balancer_socket": "/run/haproxy.sock"}}}}}}))
+    order = newest_first(now)
+    r = aws.playbook("provision.yml", "-i", str(far), "-e", f"env={ENV_A}", "-e", "ec2_fleet_model_servers_count=2",
+                     "-e", "ec2_fleet_drain_grace=0")
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode != 0 and f"not terminating {order[0]['InstanceId']}" in out and "nothing was terminated" in out, out[-3000:]
+    assert "the balancer balancer does not answer" in out and "ec2_fleet_drain_required=false" in out and "bastion" in out, out[-3000:]
+    assert {i["InstanceId"] for i in aws.instances(ENV_A, "model_servers", ["running"])} == {i["InstanceId"] for i in now}
+    # the override terminates the newest undrained, and says so
+    r = aws.playbook("provision.yml", "-i", str(far), "-e", f"env={ENV_A}", "-e", "ec2_fleet_model_servers_count=2",
+                     "-e", "ec2_fleet_drain_grace=0", "-e", "ec2_fleet_drain_required=false")
+    out = " ".join(ok(r).split())
+    assert f"Not draining {order[0]['InstanceId']} before termination (ec2_fleet_drain_required=false)" in out, out[-3000:]
+    assert {i["InstanceId"] for i in aws.instances(ENV_A, "model_servers", ALIVE)} == {i["InstanceId"] for i in order[1:]}
+    undrained = order[0]["InstanceId"]
+    now = aws.instances(ENV_A, "model_servers", ["running"])
+
     # A's balancer as the inventory gives it (inventory/aws gives ec2_instance_id and, through group_vars,
     # load_balancer_socket): here a local host in front of a real HAProxy
-    lb, = aws.instances(ENV_A, "lb", ["running"])
     sock = _haproxy(aws, [i["InstanceId"] for i in now])
     inv = aws.tmp / "balancer.yml"
     inv.write_text(json.dumps({"all": {"children": {"load_balancers": {"hosts": {"balancer": {
         "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
         "ec2_instance_id": lb["InstanceId"], "load_balancer_socket": str(sock)}}}}}}))
     order = newest_first(now)
-    gone, kept = order[:2], order[2:]
+    gone, kept = order[:1], order[1:]
     r = aws.playbook("provision.yml", "-i", str(inv), "-e", f"env={ENV_A}", "-e", "ec2_fleet_model_servers_count=1",
                      "-e", "ec2_fleet_drain_grace=0")
     out = " ".join(ok(r).split())
     assert [i["InstanceId"] for i in aws.instances(ENV_A, "model_servers", ["running"])] == [kept[0]["InstanceId"]]
     terminated = {i["InstanceId"]: i["State"]["Name"] for i in aws.instances(ENV_A, "model_servers", ["shutting-down", "terminated"])}
-    assert set(terminated) == {i["InstanceId"] for i in gone}, terminated
+    assert set(terminated) == {undrained} | {i["InstanceId"] for i in gone}, terminated
     states = _admin_states(sock)
     assert states == {**{i["InstanceId"]: 1 for i in gone}, kept[0]["InstanceId"]: 0}
     assert "terminated from model_servers" in out and "rewrites HAProxy without the terminated model servers" in out
@@ -361,6 +398,77 @@ def test_inventory_groups_the_hosts(aws):
     hosts = {i["InstanceId"] for role in want.values() for i in aws.instances(ENV_A, role, ["running"])}
     assert registries(aws, ENV_A) == {**{h: f"s3://mlpipe-{ENV_A}-registry-{account}/" for h in hosts},
                                       "localhost": f"s3://mlpipe-{ENV_A}-registry-{account}/"}
+    # the trainers' retrain jobs (and the deploys they run) look in the env's region, not boto3's us-east-1 default
+    trainer, = aws.instances(ENV_A, "trainers", ["running"])
+    region = trainer["Placement"]["AvailabilityZone"][:-1]
+    out = ok(aws.run("ansible", "-i", "inventory/aws", "trainers", "-e", f"env={ENV_A}", "-e", "retrain_cron_project_dir=/srv/x",
+                     "-m", "ansible.builtin.debug", "-a", "var=retrain_cron_environment"))
+    assert re.search(rf"^\s+AWS_REGION: {region}$", out, re.M) and re.search(rf"^\s+AWS_DEFAULT_REGION: {region}$", out, re.M), out
+
+
+def _keygen(aws, name: str) -> Path:
+    key = aws.tmp / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)], check=True)
+    return key.with_suffix(".pub")
+
+
+def test_what_is_not_the_envs_is_refused_and_never_deleted(aws):
+    """Env C in a VPC the user gives by id: a same-CIDR subnet, a same-named key pair and a bucket of
+    another env are refused (nothing created or retagged), C's own resources are made beside them, a
+    second public key is refused until -e ec2_fleet_rotate_key=yes, and teardown leaves the user's."""
+    ec2, s3 = aws.client("ec2"), aws.client("s3")
+    vpc = ec2.create_vpc(CidrBlock="10.77.0.0/16")["Vpc"]["VpcId"]
+    theirs = ec2.create_subnet(VpcId=vpc, CidrBlock="10.77.1.0/24", TagSpecifications=[
+        {"ResourceType": "subnet", "Tags": [{"Key": "Name", "Value": "theirs"}]}])["Subnet"]["SubnetId"]
+    stray = _keygen(aws, "stray_ed25519")
+    ec2.import_key_pair(KeyName=f"mlpipe-{ENV_C}", PublicKeyMaterial=stray.read_bytes())  # untagged: not C's
+    other_bucket = "mlpipe-someone-elses-registry"
+    s3.create_bucket(Bucket=other_bucket)
+    s3.put_bucket_tagging(Bucket=other_bucket, Tagging={"TagSet": [{"Key": "project", "Value": "mlpipe"},
+                                                                   {"Key": "env", "Value": "someone"}]})
+    given = ("-e", f"env={ENV_C}", "-e", f"ec2_fleet_vpc_id={vpc}", "-e", "ec2_fleet_lb_count=0",
+             "-e", "ec2_fleet_model_servers_count=0", "-e", "ec2_fleet_trainers_count=0")
+
+    r = aws.playbook("provision.yml", *given, "-e", "ec2_fleet_subnet_cidr=10.77.1.0/24", "-e", f"ec2_fleet_bucket={other_bucket}")
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode != 0 and "nothing was created or changed" in out, out[-4000:]
+    assert f"subnet {theirs}" in out and f"-e ec2_fleet_subnet_id={theirs} to use it as it is" in out, out[-4000:]
+    assert "another -e ec2_fleet_subnet_cidr" in out, out[-4000:]
+    assert f"key pair mlpipe-{ENV_C} already exists" in out and "neither replaced nor adopted" in out, out[-4000:]
+    assert f"bucket {other_bucket} already exists and is not tagged project=mlpipe env={ENV_C}" in out, out[-4000:]
+    assert not any(aws.tagged(ENV_C).values()), aws.tagged(ENV_C)
+    assert tags(ec2.describe_subnets(SubnetIds=[theirs])["Subnets"][0]) == {"Name": "theirs"}
+    stray_key, = ec2.describe_key_pairs(KeyNames=[f"mlpipe-{ENV_C}"])["KeyPairs"]
+    assert not stray_key.get("Tags")
+    assert {t["Key"]: t["Value"] for t in s3.get_bucket_tagging(Bucket=other_bucket)["TagSet"]}["env"] == "someone"
+
+    ec2.delete_key_pair(KeyName=f"mlpipe-{ENV_C}")  # the user removes the stray key pair
+    mine = ("-e", "ec2_fleet_subnet_cidr=10.77.2.0/24")
+    ok(aws.playbook("provision.yml", *given, *mine))
+    subnet, = ec2.describe_subnets(Filters=[{"Name": "tag:env", "Values": [ENV_C]}])["Subnets"]
+    assert subnet["VpcId"] == vpc and subnet["CidrBlock"] == "10.77.2.0/24"
+    key, = ec2.describe_key_pairs(KeyNames=[f"mlpipe-{ENV_C}"])["KeyPairs"]
+
+    # another operator's (or an old) public key: refused, the key pair stays as it is
+    before = aws.tagged(ENV_C)
+    r = aws.playbook("provision.yml", *given, *mine, "-e", f"ec2_fleet_public_key_file={stray}")
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode != 0 and f"key pair mlpipe-{ENV_C} exists with fingerprint {key['KeyFingerprint']}" in out, out[-4000:]
+    assert "-e ec2_fleet_rotate_key=yes" in out and "nothing was created or changed" in out, out[-4000:]
+    assert ec2.describe_key_pairs(KeyNames=[f"mlpipe-{ENV_C}"])["KeyPairs"] == [key] and aws.tagged(ENV_C) == before
+    # a rotation on purpose replaces it (and keeps it C's)
+    r = aws.playbook("provision.yml", *given, *mine, "-e", f"ec2_fleet_public_key_file={stray}", "-e", "ec2_fleet_rotate_key=yes")
+    ok(r)
+    rotated, = ec2.describe_key_pairs(KeyNames=[f"mlpipe-{ENV_C}"])["KeyPairs"]
+    assert rotated["KeyFingerprint"] != key["KeyFingerprint"] and changed(r) >= 1
+    assert tags(rotated).items() >= {"project": "mlpipe", "env": ENV_C}.items()
+
+    out = " ".join(ok(aws.playbook("teardown.yml", "-e", f"env={ENV_C}", "-e", "confirm=yes", "-e", "delete_bucket=yes")).split())
+    assert not any(aws.tagged(ENV_C).values()), aws.tagged(ENV_C)
+    # the user's VPC and subnet, and the other env's bucket, are still there, untagged by us
+    assert ec2.describe_vpcs(VpcIds=[vpc])["Vpcs"] and tags(ec2.describe_subnets(SubnetIds=[theirs])["Subnets"][0]) == {"Name": "theirs"}
+    assert other_bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    assert ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"][0]["SubnetId"] == theirs
 
 
 def registries(aws, env: str, *extra: str) -> dict:
@@ -376,7 +484,7 @@ def registries(aws, env: str, *extra: str) -> dict:
 
 
 def test_teardown_removes_only_its_env(aws):
-    bucket_b = f"mlpipe-{ENV_B}-own-name"
+    bucket_b = f"registry-of-{ENV_B}"  # not named <project>-<env>-...: teardown finds it from the instances' tag
     # B on the same default network range as A: the two envs hand out the same private addresses, and
     # inventory/aws names hosts by instance id, so no host of one env takes another's name or variables
     small = ("-e", f"env={ENV_B}", "-e", "ec2_fleet_lb_count=0", "-e", "ec2_fleet_trainers_count=0",
@@ -397,9 +505,10 @@ def test_teardown_removes_only_its_env(aws):
     b_hosts = {i["InstanceId"] for i in aws.instances(ENV_B, "model_servers", ["running"])}
     assert registries(aws, ENV_B) == {**{h: f"s3://{bucket_b}/" for h in b_hosts}, "localhost": f"s3://{bucket_b}/"}
     assert set(registries(aws, ENV_B, "-e", "mlpipe_registry_bucket=elsewhere").values()) == {"s3://elsewhere/"}
-    # B has no balancer: the shrink says so and terminates anyway (inventory/aws, as a user would run it)
+    # B has no balancer at all (lb count 0): nothing to drain, the shrink says so and terminates
+    # (inventory/aws, as a user would run it)
     out = " ".join(ok(aws.playbook("provision.yml", "-i", "inventory/aws", *small, "-e", "ec2_fleet_model_servers_count=1")).split())
-    assert "Not draining" in out and f"no balancer of env {ENV_B}" in out, out[-3000:]
+    assert "Not draining" in out and f"env {ENV_B} has no balancer (lb count 0)" in out, out[-3000:]
     b_before = aws.tagged(ENV_B)
     assert len(b_before["instances"]) == 1 and len(b_before["buckets"]) == 1 and len(b_before["roles"]) == 2
     assert len(b_before["instance_profiles"]) == 2 and len(b_before["security_groups"]) == 3
@@ -411,6 +520,8 @@ def test_teardown_removes_only_its_env(aws):
 
     out = " ".join(ok(aws.playbook("teardown.yml", "-e", f"env={ENV_A}", "-e", "confirm=yes")).split())
     assert f"kept the registry bucket(s) {bucket_a}" in out
+    account = aws.client("sts").get_caller_identity()["Account"]
+    assert f"env {ENV_A} in AWS account {account}" in out and "region us-east-1" in out, out[-3000:]
     left = aws.tagged(ENV_A)
     assert left["buckets"] == [bucket_a] and not any(v for k, v in left.items() if k != "buckets"), left
 
@@ -418,3 +529,8 @@ def test_teardown_removes_only_its_env(aws):
     assert not any(aws.tagged(ENV_A).values()), aws.tagged(ENV_A)
     assert bucket_a not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
     assert aws.tagged(ENV_B) == b_before
+
+    # B's bucket has a name of its own: teardown finds it from its instances' mlpipe_bucket tag
+    out = " ".join(ok(aws.playbook("teardown.yml", "-e", f"env={ENV_B}", "-e", "confirm=yes", "-e", "delete_bucket=yes")).split())
+    assert f"deleted the registry bucket(s) {bucket_b}" in out, out[-3000:]
+    assert not any(aws.tagged(ENV_B).values()), aws.tagged(ENV_B)
