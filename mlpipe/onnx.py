@@ -79,6 +79,7 @@ class Conversion:
         self.est, self.X_test, self.classifier = est, X_test, classifier
         self._outcome = None  # (onnx bytes, ONNX outputs on X_test, {"precision"}) or (None, None, info)
         self._thread = None
+        self._interval = None  # the caller's switch interval while the thread runs
         if not _numeric(X_train):
             self._outcome = (None, None, {"status": "skipped", "reason": "non-numeric features"})
             return
@@ -121,13 +122,17 @@ class Conversion:
         except BaseException as exc:  # never raise: a failure is an outcome like any other
             self._outcome = (None, None, {"status": "unsupported",
                                           "reason": (str(exc).splitlines() or [type(exc).__name__])[0][:200]})
+        finally:  # the thread puts the switch interval back itself: the caller may never call result()
+            if self._interval is not None:
+                import sys
+                sys.setswitchinterval(self._interval)
 
     def start(self) -> "Conversion":
         if self._outcome is None and self._thread is None:
             import sys
             # The conversion is partly Python (it holds the GIL); the caller's scoring mostly runs without
-            # it but waits up to the switch interval (5 ms) each time it needs it back: a short interval
-            # while both run keeps the caller's predict from stretching (~0.23 s instead of ~0.06 s).
+            # it but waits up to the switch interval (5 ms) each time it needs it back, so the interval is
+            # short while the thread runs (as preload() does during the fit).
             self._interval = sys.getswitchinterval()
             sys.setswitchinterval(min(self._interval, 0.0005))
             self._thread = threading.Thread(target=self._run, name="mlpipe-onnx", daemon=True)
@@ -136,14 +141,13 @@ class Conversion:
             except RuntimeError:  # no thread to be had: result() converts in the caller's thread
                 self._thread = None
                 sys.setswitchinterval(self._interval)
+                self._interval = None
         return self
 
     def result(self, want=None):
         """(onnx_bytes or None, info dict): the bytes only when ONNX agrees with scikit-learn on X_test."""
         if self._thread is not None:
-            import sys
             self._thread.join()
-            sys.setswitchinterval(self._interval)
         elif self._outcome is None:
             self._run()
         return _check(self.est, self.X_test, self.classifier, self._outcome, want)

@@ -300,3 +300,19 @@ def test_models_show_lists_pipeline_steps(tmp_path):
     j = json.loads(run_cli("models", "show", "hello-world", "--json", "--registry", reg).stdout)
     assert j["steps"] == [{"estimator": "sklearn.preprocessing.StandardScaler", "params": {}},
                           {"estimator": "sklearn.linear_model.LogisticRegression", "params": {"C": 1.0, "max_iter": 500}}]
+
+
+def test_onnx_thread_puts_the_switch_interval_back_even_if_result_is_never_asked(tmp_path):
+    """train() may raise between start() and result() (a metric that does not fit, a full disk):
+    the process-wide switch interval the conversion lowered must come back anyway."""
+    import sys
+    import pandas as pd
+    from sklearn.ensemble import RandomForestClassifier
+    before = sys.getswitchinterval()
+    X = pd.DataFrame(np.random.default_rng(0).normal(size=(200, 4)), columns=list("abcd"))
+    y = (X["a"] > 0).astype(int)
+    est = RandomForestClassifier(5, random_state=0).fit(X, y)
+    conv = onnx.Conversion(est, X, X, True).start()
+    assert conv._thread is not None
+    conv._thread.join(60)  # the caller walks away without result()
+    assert sys.getswitchinterval() == before
