@@ -2,8 +2,9 @@
 
     {{ schedule | mlpipe_cron_fields(name) }}   -> {minute, hour, day, month, weekday} for ansible.builtin.cron
     {{ schedule | mlpipe_cron_expand(name) }}   -> "m h dom mon dow"
+    {{ schedule | mlpipe_cron_fields(name, 'monitor') }}   the same; errors name the monitor schedule
 
-An empty schedule (none, "") is the spec's default (mlpipe.spec.RETRAIN_DEFAULTS). Runs on the controller,
+An empty schedule (none, "") is the spec's default retrain schedule (mlpipe.spec.RETRAIN_DEFAULTS). Runs on the controller,
 which must run the Python that has mlpipe installed (the project's venv).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ def _schedule_module():
     return schedule, spec
 
 
-def _resolve(schedule, name, what):
+def _resolve(schedule, name, what, kind="retrain"):
     mod, spec = _schedule_module()
     if schedule is None or (isinstance(schedule, str) and not schedule.strip()):
         schedule = spec.RETRAIN_DEFAULTS["schedule"]
@@ -32,18 +33,18 @@ def _resolve(schedule, name, what):
     try:
         return getattr(mod, what)(str(schedule), name)
     except mod.ScheduleError as exc:
-        raise AnsibleFilterError(f"retrain schedule {schedule!r} of model {name!r}: {exc} "
+        raise AnsibleFilterError(f"{kind} schedule {schedule!r} of model {name!r}: {exc} "
                                  f'(five cron fields, H for a value derived from the model name, e.g. "H 3 * * *")') from None
 
 
-def mlpipe_cron_fields(schedule, name):
+def mlpipe_cron_fields(schedule, name, kind="retrain"):
     """{minute, hour, day, month, weekday} with every H resolved for the model ``name``."""
-    return _resolve(schedule, name, "fields")
+    return _resolve(schedule, name, "fields", kind)
 
 
-def mlpipe_cron_expand(schedule, name):
+def mlpipe_cron_expand(schedule, name, kind="retrain"):
     """The five-field schedule with every H resolved for the model ``name``."""
-    return _resolve(schedule, name, "expand")
+    return _resolve(schedule, name, "expand", kind)
 
 
 class FilterModule:
