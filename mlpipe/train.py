@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import io
+import logging
 import time
 from pathlib import Path
 
 from mlpipe import artifact, data
 from mlpipe.errors import DataError, SpecError
 from mlpipe.spec import Spec, import_object
+
+log = logging.getLogger("mlpipe.train")
 
 HOLDOUT_FILE = "holdout.parquet"
 HOLDOUT_MAX_ROWS = 50_000   # a bigger evaluation set is sampled down to this (deterministically)
@@ -160,6 +163,21 @@ def holdout(spec: Spec, X_test, y_test) -> tuple[bytes, dict]:
     return buf.getvalue(), info
 
 
+def baseline(X_train, predictions, classifier: bool) -> tuple[bytes | None, dict | None]:
+    """``baseline.json`` (what ``mlpipe monitor`` measures drift against) and its manifest entry. Never
+    fails a training run: a frame it cannot describe leaves the version without a baseline (logged),
+    which the monitor reports as such."""
+    from mlpipe import baseline as bl
+    try:
+        doc = bl.compute(X_train, predictions, "classification" if classifier else "regression")
+        raw = bl.to_bytes(doc)
+    except Exception as exc:  # pragma: no cover - defensive: odd dtypes in a user's frame
+        log.warning("no baseline statistics for this version (%s: %s); mlpipe monitor will not measure drift",
+                    type(exc).__name__, exc)
+        return None, None
+    return raw, {"file": bl.BASELINE_FILE, "rows": int(len(X_train)), "schema": bl.SCHEMA}
+
+
 def train(spec: Spec, workdir: Path, message: str = "", parent: dict | None = None,
           onnx: bool | None = None, dataset=None) -> dict:
     """Fit the spec's model and write an unregistered artifact into ``workdir``. Returns the manifest."""
@@ -188,6 +206,9 @@ def train(spec: Spec, workdir: Path, message: str = "", parent: dict | None = No
     predicted = _Predicted(est, X_test)
     metrics = score(predicted, spec.metrics, X_test, y_test)
     extra = {HOLDOUT_FILE: holdout_bytes}
+    baseline_bytes, baseline_info = baseline(X_train, predicted.predict(X_test), classifier)
+    if baseline_bytes is not None:
+        extra[baseline_info["file"]] = baseline_bytes
     manifest = {
         "name": spec.name,
         "message": message,
@@ -201,6 +222,7 @@ def train(spec: Spec, workdir: Path, message: str = "", parent: dict | None = No
         "split": split_params(spec, classifier),
         "signature": signature(X, y, est),
         "gate": spec.gate,
+        "baseline": baseline_info,
         "library_versions": artifact.library_versions(),
         "onnx": {"status": "pending"} if compiling is not None else {"status": "disabled"},
         "parent": parent,
