@@ -20,7 +20,8 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 # key -> (type, required) for each section; nested sections have their own table.
 _TOP = {"name": str, "description": str, "data": dict, "split": dict, "model": dict,
-        "metrics": list, "gate": dict, "retrain": dict, "notebook": str}
+        "metrics": list, "gate": dict, "retrain": dict, "notebook": str,
+        "capture": dict, "alerts": list, "notify": dict, "monitor": dict}
 _DATA = {"source": str, "target": str, "features": list, "holdout": str}
 _SPLIT = {"test_size": (int, float), "random_state": int, "stratify": bool, "shuffle": bool}
 _MODEL = {"estimator": str, "params": dict, "steps": list, "onnx": bool}
@@ -30,6 +31,35 @@ _RETRAIN = {"schedule": str, "min_new_rows": int, "cooldown": (str, int), "promo
 _REQUIRED_TOP = ("name", "data", "model")
 RETRAIN_DEFAULTS = {"schedule": "H H * * *", "min_new_rows": 1, "cooldown": "0s", "promote": "production",
                     "deploy": False}
+# prediction capture on the serving hosts (mlpipe serve): the share of requests recorded (0 turns it
+# off), and how long / how many rows the capture database keeps per model
+_CAPTURE = {"sample": (int, float), "max_age": (str, int), "max_rows": int}
+CAPTURE_DEFAULTS = {"sample": 0.1, "max_age": "30d", "max_rows": 1_000_000}
+# one alert: "<metric> <op> <threshold>"; min_labelled applies to quality metrics only; window defaults
+# to monitor.window; do: what a breach does (notify: log line, ledger event and the webhook if set;
+# retrain: mlpipe retrain --force, bounded by retrain.cooldown)
+_ALERT = {"when": str, "min_labelled": int, "window": (str, int), "do": (list, str)}
+ALERT_DEFAULTS = {"min_labelled": 100, "window": None, "do": ["notify"]}
+ALERT_ACTIONS = ("notify", "retrain")
+ALERT_OPS = ("<", "<=", ">", ">=")
+# where breaches go: a webhook (JSON POST, retried with backoff), and how often an ongoing breach is
+# notified again (a "resolved" notice always follows when it clears)
+_NOTIFY = {"webhook": str, "repeat": (str, int), "timeout": (int, float), "retries": int}
+NOTIFY_DEFAULTS = {"webhook": None, "repeat": "1h", "timeout": 5, "retries": 3}
+# mlpipe monitor: the window of captured predictions it looks at, the live endpoints whose /metrics it
+# reads, an optional labelled data source scored through the first endpoint, the Prometheus textfile
+# it writes, and when cron runs it (the retrain_cron role)
+_MONITOR = {"window": (str, int), "endpoints": list, "source": str, "textfile": str, "schedule": str}
+MONITOR_DEFAULTS = {"window": "1h", "endpoints": [], "source": None, "textfile": None, "schedule": "*/5 * * * *"}
+# metrics an alert may name (besides drift_<feature>)
+DRIFT_METRICS = ("drift", "prediction_drift")
+SERVING_METRICS = ("p99_ms", "error_rate")
+CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "f1", "f1_macro", "f1_micro", "f1_weighted",
+                          "precision", "precision_macro", "precision_weighted", "recall", "recall_macro",
+                          "recall_weighted", "roc_auc")
+REGRESSION_METRICS = ("r2", "rmse", "mae", "mse")
+QUALITY_METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
+_WHEN_RE = re.compile(r"^\s*(?P<metric>[^<>=\s](?:[^<>=]*?[^<>=\s])?)\s*(?P<op><=|>=|<|>)\s*(?P<threshold>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -56,6 +86,10 @@ class Spec:
     description: str = ""
     retrain: dict = field(default_factory=lambda: dict(RETRAIN_DEFAULTS))
     notebook: str | None = None
+    capture: dict = field(default_factory=lambda: dict(CAPTURE_DEFAULTS))
+    alerts: list = field(default_factory=list)     # parsed: when, metric, op, threshold, min_labelled, window, do
+    notify: dict = field(default_factory=lambda: dict(NOTIFY_DEFAULTS))
+    monitor: dict = field(default_factory=lambda: dict(MONITOR_DEFAULTS))
     path: str = "<dict>"
     raw: dict = field(default_factory=dict)
 
@@ -208,10 +242,115 @@ def validate(raw: Any, path: str = "<dict>") -> Spec:
     if notebook is not None and not str(notebook).endswith(".ipynb"):
         raise SpecError(f"{path}: 'notebook' {notebook!r} is not a Jupyter notebook",
                         hint="name an .ipynb file, relative to the spec's folder or absolute")
+    capture, alerts, notify, monitor = _check_monitoring(raw, path)
     return Spec(name=raw["name"], data=dict(raw["data"]), model=dict(raw["model"]),
                 split=dict(raw.get("split") or {}), metrics=list(metrics), gate=dict(gate),
                 description=raw.get("description") or "", retrain=retrain, notebook=notebook,
+                capture=capture, alerts=alerts, notify=notify, monitor=monitor,
                 path=path, raw=copy.deepcopy(raw))
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _http_url(value) -> bool:
+    from urllib.parse import urlsplit
+    try:
+        u = urlsplit(value)
+    except ValueError:
+        return False
+    return u.scheme in ("http", "https") and bool(u.hostname)
+
+
+def parse_when(when, where: str, features: list | None = None) -> dict:
+    """'accuracy < 0.80' -> {"metric": "accuracy", "op": "<", "threshold": 0.8}; a SpecError naming
+    ``where`` when the expression or its metric is not one ``mlpipe monitor`` can measure."""
+    m = _WHEN_RE.match(when) if isinstance(when, str) else None
+    if not m:
+        raise SpecError(f"{where} {when!r} is not an alert condition",
+                        hint="write METRIC OP NUMBER with OP one of < <= > >=, e.g. 'accuracy < 0.80' or 'drift > 0.2'")
+    metric, op, threshold = m.group("metric"), m.group("op"), float(m.group("threshold"))
+    if metric.startswith("drift_"):
+        feature = metric[len("drift_"):]
+        if features and feature not in [str(f) for f in features]:
+            raise SpecError(f"{where} names drift_{feature}, but '{feature}' is not one of 'data.features'",
+                            hint=f"features: {', '.join(map(str, features[:20]))}")
+    elif metric not in DRIFT_METRICS + SERVING_METRICS + QUALITY_METRICS:
+        raise SpecError(f"{where} {when!r}: unknown metric '{metric}'",
+                        hint="use drift, drift_<feature>, prediction_drift, p99_ms, error_rate or a quality metric: "
+                             + ", ".join(QUALITY_METRICS))
+    return {"metric": metric, "op": op, "threshold": threshold}
+
+
+def _check_monitoring(raw: dict, path: str) -> tuple[dict, list, dict, dict]:
+    """The spec's capture, alerts, notify and monitor sections, validated, with defaults filled in."""
+    capture = raw.get("capture") or {}
+    _check_section("capture", capture, _CAPTURE, path)
+    capture = {**CAPTURE_DEFAULTS, **{k: v for k, v in capture.items() if v is not None}}
+    if not 0 <= capture["sample"] <= 1:
+        raise SpecError(f"{path}: 'capture.sample' must be a share between 0 and 1, got {capture['sample']!r}",
+                        hint="0.1 records one request in ten; 0 turns capture off; 1 records every request")
+    parse_duration(capture["max_age"], f"{path}: 'capture.max_age'")
+    if capture["max_rows"] < 1:
+        raise SpecError(f"{path}: 'capture.max_rows' must be 1 or more, got {capture['max_rows']}")
+
+    notify = raw.get("notify") or {}
+    _check_section("notify", notify, _NOTIFY, path)
+    notify = {**NOTIFY_DEFAULTS, **{k: v for k, v in notify.items() if v is not None}}
+    if notify["webhook"] is not None and not _http_url(notify["webhook"]):
+        raise SpecError(f"{path}: 'notify.webhook' must be an http:// or https:// URL, got {notify['webhook']!r}",
+                        hint='e.g. webhook: "https://hooks.example/ml"')
+    parse_duration(notify["repeat"], f"{path}: 'notify.repeat'")
+    if notify["timeout"] <= 0:
+        raise SpecError(f"{path}: 'notify.timeout' must be a number of seconds above 0, got {notify['timeout']!r}")
+    if notify["retries"] < 0:
+        raise SpecError(f"{path}: 'notify.retries' must be 0 or more, got {notify['retries']}")
+
+    monitor = raw.get("monitor") or {}
+    _check_section("monitor", monitor, _MONITOR, path)
+    monitor = {**MONITOR_DEFAULTS, **{k: v for k, v in monitor.items() if v is not None}}
+    parse_duration(monitor["window"], f"{path}: 'monitor.window'")
+    for i, url in enumerate(monitor["endpoints"]):
+        if not isinstance(url, str) or not _http_url(url):
+            raise SpecError(f"{path}: 'monitor.endpoints[{i}]' must be an http:// or https:// URL, got {url!r}",
+                            hint="the base URL of a serving host, e.g. http://10.0.0.5:8080")
+    if monitor["source"]:
+        from mlpipe.data import check_source_uri
+        try:
+            check_source_uri(monitor["source"])
+        except Exception as exc:
+            raise SpecError(f"{path}: 'monitor.source': {exc}") from None
+    from mlpipe.schedule import ScheduleError, expand
+    try:
+        expand(monitor["schedule"], raw["name"])
+    except ScheduleError as exc:
+        raise SpecError(f"{path}: 'monitor.schedule': {exc}",
+                        hint='five cron fields, e.g. "*/5 * * * *" for every five minutes') from None
+
+    alerts = []
+    features = (raw.get("data") or {}).get("features")
+    for i, alert in enumerate(raw.get("alerts") or []):
+        where = f"alerts[{i}]"
+        if isinstance(alert, str):  # shorthand: - "drift > 0.2"
+            alert = {"when": alert}
+        _check_section(where, alert, _ALERT, path)
+        if not alert.get("when"):
+            raise SpecError(f"{path}: missing required key '{where}.when'", hint="e.g. when: accuracy < 0.80")
+        entry = {"when": alert["when"].strip(), **parse_when(alert["when"], f"{path}: '{where}.when'", features),
+                 **ALERT_DEFAULTS, **{k: v for k, v in alert.items() if k != "when" and v is not None}}
+        if entry["min_labelled"] < 0:
+            raise SpecError(f"{path}: '{where}.min_labelled' must be 0 or more, got {entry['min_labelled']}")
+        if entry["window"] is not None:
+            parse_duration(entry["window"], f"{path}: '{where}.window'")
+        do = [entry["do"]] if isinstance(entry["do"], str) else list(entry["do"])
+        for action in do:
+            if action not in ALERT_ACTIONS:
+                raise SpecError(f"{path}: '{where}.do' has unknown action {action!r}",
+                                hint=f"use {' and/or '.join(ALERT_ACTIONS)}, e.g. do: [notify, retrain]")
+        entry["do"] = list(dict.fromkeys(do))
+        alerts.append(entry)
+    return capture, alerts, notify, monitor
 
 
 def load(path: str | Path) -> Spec:
@@ -232,6 +371,8 @@ def load(path: str | Path) -> Spec:
     spec.data["source"] = resolve_relative(spec.data["source"], p.parent)
     if spec.data.get("holdout"):
         spec.data["holdout"] = resolve_relative(spec.data["holdout"], p.parent)
+    if spec.monitor.get("source"):
+        spec.monitor["source"] = resolve_relative(spec.monitor["source"], p.parent)
     if spec.notebook:
         nb = Path(spec.notebook)
         spec.notebook = str(nb if nb.is_absolute() else (p.parent / nb).resolve())

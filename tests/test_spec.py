@@ -19,7 +19,7 @@ def test_malformed_yaml_names_line(write_spec):
 
 def test_unknown_key_names_key_and_choices(write_spec):
     p = write_spec(small_spec(modle={"estimator": "x"}))
-    with pytest.raises(SpecError, match=r"unknown key 'modle'.*expected one of: data, description, gate"):
+    with pytest.raises(SpecError, match=r"unknown key 'modle'.*expected one of: alerts, capture, data, description, gate"):
         spec.load(p)
 
 
@@ -93,3 +93,66 @@ def test_pipeline_steps(write_spec):
 def test_relative_csv_is_relative_to_spec():
     s = spec.load(EXAMPLES / "house-prices.yml")
     assert s.data["source"] == "csv:" + str((EXAMPLES / "data" / "diabetes.csv").resolve())
+
+
+# ------------------------------------------------------------------ capture, alerts, notify, monitor
+def test_monitoring_defaults(write_spec):
+    s = spec.load(write_spec(small_spec()))
+    assert s.capture == spec.CAPTURE_DEFAULTS and s.alerts == []
+    assert s.notify == spec.NOTIFY_DEFAULTS and s.monitor == spec.MONITOR_DEFAULTS
+
+
+def test_monitoring_sections_parse(write_spec):
+    s = spec.load(write_spec(small_spec(
+        capture={"sample": 0.5, "max_age": "7d"},
+        alerts=[{"when": "accuracy < 0.80", "min_labelled": 200, "do": ["notify", "retrain"]},
+                {"when": "drift_mean radius > 0.2", "window": "24h"},
+                "p99_ms >= 50"],
+        notify={"webhook": "https://hooks.example/ml", "repeat": "30m"},
+        monitor={"window": "2h", "endpoints": ["http://10.0.0.5:8080"], "schedule": "*/10 * * * *"})))
+    assert s.capture["sample"] == 0.5 and s.capture["max_rows"] == 1_000_000
+    a, d, p = s.alerts
+    assert (a["metric"], a["op"], a["threshold"], a["min_labelled"], a["do"], a["window"]) == \
+        ("accuracy", "<", 0.8, 200, ["notify", "retrain"], None)
+    assert (d["metric"], d["window"], d["do"]) == ("drift_mean radius", "24h", ["notify"])
+    assert (p["metric"], p["op"], p["threshold"], p["when"]) == ("p99_ms", ">=", 50.0, "p99_ms >= 50")
+    assert s.notify == {"webhook": "https://hooks.example/ml", "repeat": "30m", "timeout": 5, "retries": 3}
+    assert s.monitor["window"] == "2h" and s.monitor["endpoints"] == ["http://10.0.0.5:8080"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"alerts": [{"when": "accuracy << 0.8"}]}, r"spec.yml: 'alerts\[0\].when' 'accuracy << 0.8' is not an alert condition.*OP one of"),
+    ({"alerts": [{"when": "accuracy < high"}]}, r"'alerts\[0\].when' 'accuracy < high' is not an alert condition"),
+    ({"alerts": [{"when": "acuracy < 0.8"}]}, r"'alerts\[0\].when' 'acuracy < 0.8': unknown metric 'acuracy'.*drift_<feature>"),
+    ({"alerts": [{"when": "drift > 0.2", "do": ["page"]}]}, r"'alerts\[0\].do' has unknown action 'page'.*notify and/or retrain"),
+    ({"alerts": [{"when": "drift > 0.2", "do": "retrian"}]}, r"unknown action 'retrian'"),
+    ({"alerts": [{"when": "accuracy < 0.8", "min_labelled": -1}]}, r"'alerts\[0\].min_labelled' must be 0 or more, got -1"),
+    ({"alerts": [{"when": "accuracy < 0.8", "window": "soon"}]}, r"'alerts\[0\].window' 'soon' is not a duration"),
+    ({"alerts": [{"min_labelled": 3}]}, r"missing required key 'alerts\[0\].when'"),
+    ({"alerts": [{"when": "drift > 0.2", "severity": "high"}]}, r"unknown key 'alerts\[0\].severity'.*do, min_labelled, when, window"),
+    ({"capture": {"sample": 1.5}}, r"'capture.sample' must be a share between 0 and 1, got 1.5"),
+    ({"capture": {"sample": -0.1}}, r"'capture.sample' must be a share between 0 and 1"),
+    ({"capture": {"sample": "all"}}, r"'capture.sample' must be int or float, got 'all'"),
+    ({"capture": {"max_age": "forever"}}, r"'capture.max_age' 'forever' is not a duration"),
+    ({"notify": {"webhook": "ftp://hooks.example/x"}}, r"'notify.webhook' must be an http:// or https:// URL, got 'ftp://hooks.example/x'"),
+    ({"notify": {"webhook": "hooks.example/ml"}}, r"'notify.webhook' must be an http:// or https:// URL"),
+    ({"notify": {"repeat": "often"}}, r"'notify.repeat' 'often' is not a duration"),
+    ({"notify": {"timeout": 0}}, r"'notify.timeout' must be a number of seconds above 0"),
+    ({"monitor": {"endpoints": ["10.0.0.5:8080"]}}, r"'monitor.endpoints\[0\]' must be an http:// or https:// URL"),
+    ({"monitor": {"window": "1 hour"}}, r"'monitor.window' '1 hour' is not a duration"),
+    ({"monitor": {"schedule": "every 5 minutes"}}, r"'monitor.schedule'"),
+    ({"monitor": {"source": "ftp://x/y.csv"}}, r"'monitor.source'.*unsupported data source"),
+    ({"monitor": {"interval": "5m"}}, r"unknown key 'monitor.interval'.*endpoints, schedule, source, textfile, window"),
+])
+def test_monitoring_errors_name_file_key_and_fix(write_spec, overrides, message):
+    with pytest.raises(SpecError, match=message):
+        spec.load(write_spec(small_spec(**overrides)))
+
+
+def test_drift_feature_must_be_a_listed_feature(write_spec):
+    s = small_spec(alerts=[{"when": "drift_radius > 0.2"}])
+    s["data"]["features"] = ["mean radius", "mean texture"]
+    with pytest.raises(SpecError, match=r"names drift_radius, but 'radius' is not one of 'data.features'.*mean radius"):
+        spec.load(write_spec(s))
+    s["alerts"] = [{"when": "drift_mean radius > 0.2"}]
+    assert spec.load(write_spec(s)).alerts[0]["metric"] == "drift_mean radius"
