@@ -21,12 +21,14 @@ Messages say what was wrong and how to fix it; they never carry credentials.
 
 `mlpipe retrain` (and `mlpipe train` for a failed notebook) also exit with an outcome that is not an
 error: 0 skipped (nothing to do), 10 promoted, 11 rejected by the gate, 12 deploy failed (the alias
-was put back), 13 a notebook failed (the version is kept); see RETRAIN_EXIT.
+was put back), 13 a notebook failed (the version is kept); see RETRAIN_EXIT. `mlpipe monitor` exits 0
+when every alert is quiet and 14 when one is firing; see MONITOR_EXIT.
 """
 from __future__ import annotations
 
 
 RETRAIN_EXIT = {"skipped": 0, "promoted": 10, "rejected": 11, "deploy_failed": 12, "notebook_failed": 13}
+MONITOR_EXIT = {"healthy": 0, "firing": 14}
 
 
 class MlpipeError(Exception):

@@ -166,6 +166,28 @@ def release(reg, name: str, run: str) -> None:
         reg.store.delete(_key(name, "LOCK"))
 
 
+# --------------------------------------------------------------------------------------- cooldown
+def cooldown(reg, name: str, cooldown: str | int) -> str | None:
+    """Why a retrain of ``name`` must wait (the last run that trained is younger than ``cooldown``), or
+    None when it may run. Shared by ``mlpipe retrain`` and ``mlpipe monitor`` (which starts
+    ``retrain --force``, where the cooldown no longer applies, so it asks first)."""
+    seconds = parse_duration(cooldown, "retrain.cooldown")
+    if not seconds:
+        return None
+    try:
+        events = reg.events(name)
+    except Exception:
+        return None
+    last = next((e for e in reversed(events) if e.get("event") in TRAINED_EVENTS and e.get("trained")), None)
+    if last is None:
+        return None
+    age = (_now() - _parse_at(last["at"])).total_seconds()
+    if age >= seconds:
+        return None
+    return (f"cooldown — last retrain {_ago(age)} ago (v{last.get('version', '?')}, "
+            f"{last['event'].removeprefix('retrain_').replace('_', ' ')}), needs {_ago(seconds)} (cooldown)")
+
+
 # ------------------------------------------------------------------------------------------- rows
 def _rows_key(name: str, version: int) -> str:
     return f"{name}/datasets/{int(version)}.npz"
@@ -324,21 +346,9 @@ class Run:
         return v, self.reg.manifest(self.name, v)
 
     def _cooldown(self) -> str | None:
-        seconds = parse_duration(self.spec.retrain["cooldown"], "retrain.cooldown")
-        if not seconds or self.force:
+        if self.force:
             return None
-        try:
-            events = self.reg.events(self.name)
-        except Exception:
-            return None
-        last = next((e for e in reversed(events) if e.get("event") in TRAINED_EVENTS and e.get("trained")), None)
-        if last is None:
-            return None
-        age = (_now() - _parse_at(last["at"])).total_seconds()
-        if age >= seconds:
-            return None
-        return (f"cooldown — last retrain {_ago(age)} ago (v{last.get('version', '?')}, "
-                f"{last['event'].removeprefix('retrain_').replace('_', ' ')}), needs {_ago(seconds)} (cooldown)")
+        return cooldown(self.reg, self.name, self.spec.retrain["cooldown"])
 
     # -- the run
     def run(self) -> dict:
@@ -680,4 +690,4 @@ def failed(reg, name: str, exc: BaseException, log: Callable[[str], None] = prin
         log(f"warning: could not write the retrain_failed ledger event: {rec_exc}")
 
 
-__all__ = ["retrain", "Run", "pause", "resume", "paused", "acquire", "release", "deploy", "failed", "Locked", "NotFound"]
+__all__ = ["retrain", "Run", "pause", "resume", "paused", "acquire", "release", "cooldown", "deploy", "failed", "Locked", "NotFound"]
