@@ -1,7 +1,10 @@
 """Data sources and their fingerprints.
 
 A source is a URI: ``sklearn:NAME`` (data sets scikit-learn ships), ``csv:PATH``,
-``parquet:PATH``, ``s3://bucket/key.(csv|parquet)``, ``sql:SQLALCHEMY_URL#QUERY``.
+``parquet:PATH``, ``s3://bucket/key.(csv|parquet)``, ``sql:SQLALCHEMY_URL#QUERY``,
+``predictions:MODEL?labelled=true&since=30d`` (what the serving hosts captured, with the labels fed
+back: the features and the label in column ``target``, default ``label``; the capture database is
+MLPIPE_CAPTURE_DB).
 The fingerprint is a sha256 of the frame's content (column names, dtypes and every value),
 independent of file format, so "is there new data?" means the content changed.
 """
@@ -18,7 +21,9 @@ import pandas as pd
 
 from mlpipe.errors import DataError
 
-SCHEMES = ("sklearn:", "csv:", "parquet:", "s3://", "sql:")
+SCHEMES = ("sklearn:", "csv:", "parquet:", "s3://", "sql:", "predictions:")
+PREDICTIONS_KEYS = ("labelled", "since", "target", "version", "limit")
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 @dataclass
@@ -38,8 +43,8 @@ class Dataset:
 def redact_source(uri: str) -> str:
     """The source URI with any password masked (``sql:postgresql://u:***@h/db#query``): what
     manifests, ledgers and messages show. Loading needs the real URI."""
-    if not isinstance(uri, str) or "://" not in uri:
-        return uri
+    if not isinstance(uri, str) or "://" not in uri or uri.startswith("predictions:"):
+        return uri  # nothing secret in it: the database comes from MLPIPE_CAPTURE_DB
     if uri.startswith("sql:"):
         url, sep, query = uri[len("sql:"):].partition("#")
         try:
@@ -55,10 +60,92 @@ def redact_source(uri: str) -> str:
 def check_source_uri(uri: str) -> None:
     if not isinstance(uri, str) or not uri.startswith(SCHEMES):
         raise DataError(f"unsupported data source {redact_source(uri)!r}",
-                        hint="use sklearn:NAME, csv:PATH, parquet:PATH, s3://BUCKET/KEY.csv or sql:URL#QUERY")
+                        hint="use sklearn:NAME, csv:PATH, parquet:PATH, s3://BUCKET/KEY.csv, sql:URL#QUERY "
+                             "or predictions:MODEL?labelled=true&since=30d")
     if uri.startswith("sql:") and "#" not in uri:
         raise DataError(f"sql source {redact_source(uri)!r} has no query",
                         hint="write sql:sqlite:///path.db#SELECT * FROM table")
+    if uri.startswith("predictions:"):
+        parse_predictions_uri(uri)
+
+
+def parse_predictions_uri(uri: str) -> dict:
+    """``predictions:MODEL?labelled=true&since=30d&target=label&version=N&limit=N`` -> {"model",
+    "labelled" (bool or None), "since" (seconds or None), "target", "version", "limit"}."""
+    from urllib.parse import parse_qsl
+    from mlpipe.errors import SpecError
+    from mlpipe.spec import NAME_RE, parse_duration
+    example = "write predictions:credit-risk?labelled=true&since=30d (keys: " + ", ".join(PREDICTIONS_KEYS) + ")"
+    model, _, query = uri[len("predictions:"):].partition("?")
+    if not NAME_RE.match(model):
+        raise DataError(f"predictions source {uri!r} does not name a model ({model!r})", hint=example)
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise DataError(f"predictions source {uri!r}: cannot read the query {query!r}", hint=example) from None
+    out = {"model": model, "labelled": None, "since": None, "target": "label", "version": None, "limit": None}
+    seen = set()
+    for key, value in pairs:
+        if key not in PREDICTIONS_KEYS:
+            raise DataError(f"predictions source {uri!r}: unknown key {key!r}", hint=example)
+        if key in seen:
+            raise DataError(f"predictions source {uri!r}: {key!r} is given twice", hint=example)
+        seen.add(key)
+        if key == "labelled":
+            if value.lower() not in _TRUE + _FALSE:
+                raise DataError(f"predictions source {uri!r}: labelled={value!r} is not true or false",
+                                hint="labelled=true keeps only predictions with a feedback label")
+            out[key] = value.lower() in _TRUE
+        elif key == "since":
+            try:
+                out[key] = parse_duration(value, "since")
+            except SpecError as exc:
+                raise DataError(f"predictions source {uri!r}: {exc.message}", hint=exc.hint) from None
+        elif key == "target":
+            if not value.strip():
+                raise DataError(f"predictions source {uri!r}: target is empty",
+                                hint="name the column the label goes in, e.g. target=label")
+            out[key] = value
+        elif not value.isdigit() or (key == "limit" and int(value) == 0):
+            raise DataError(f"predictions source {uri!r}: {key}={value!r} is not a {'positive ' if key == 'limit' else ''}"
+                            "whole number", hint=example)
+        else:
+            out[key] = int(value)
+    return out
+
+
+def _predictions(uri: str) -> pd.DataFrame:
+    """The captured inputs of a model and the label of each (NaN when none) in column ``target``."""
+    import time
+    from mlpipe import capture
+    from mlpipe.errors import MlpipeError
+    q = parse_predictions_uri(uri)
+    try:
+        store = capture.Store()
+    except MlpipeError as exc:
+        raise DataError(f"cannot read {uri}: {exc.message}", hint=exc.hint) from None
+    try:
+        since = time.time() - q["since"] if q["since"] is not None else None
+        frame = store.predictions(q["model"], since=since, limit=q["limit"], labelled=q["labelled"], version=q["version"])
+    except MlpipeError as exc:
+        raise DataError(f"cannot read {uri}: {exc.message}", hint=exc.hint) from None
+    finally:
+        store.close()
+    if frame.empty:
+        what = "labelled " if q["labelled"] else ""
+        raise DataError(f"no {what}captured predictions of {q['model']} match {uri} in {store.shown}",
+                        hint="check MLPIPE_CAPTURE_DB, the model's capture.sample, and `mlpipe predictions list "
+                             f"{q['model']}`" + ("; feed labels back with `mlpipe feedback load`" if q["labelled"] else ""))
+    from mlpipe.capture import META
+    features = [c for c in frame.columns if c not in META and c not in ("prediction", "label")]
+    if q["limit"] is not None:
+        frame = frame.iloc[::-1]  # the newest N, oldest first like every other source
+    out = frame[features].copy()
+    if q["target"] in out.columns:
+        raise DataError(f"predictions source {uri!r}: target {q['target']!r} is also a feature of {q['model']}",
+                        hint="name another column for the label, e.g. target=true_label")
+    out[q["target"]] = frame["label"].to_numpy()
+    return out.reset_index(drop=True)
 
 
 def resolve_relative(uri: str, base: Path) -> str:
@@ -149,6 +236,8 @@ def load(uri: str) -> Dataset:
             frame = pd.read_parquet(uri[len("parquet:"):])
         elif uri.startswith("s3://"):
             frame = _s3(uri)
+        elif uri.startswith("predictions:"):
+            frame = _predictions(uri)
         else:
             frame = _sql(uri)
     except DataError:

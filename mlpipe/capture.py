@@ -1,0 +1,654 @@
+"""Prediction capture: what the serving hosts predicted, kept in a database, with the true labels
+fed back for it later.
+
+The database is a SQLAlchemy URL: ``MLPIPE_CAPTURE_DB``, else ``sqlite:///<root>/capture.db`` where
+root is ``MLPIPE_FLEET_ROOT`` or ``~/.mlpipe``. SQLite (embedded; WAL mode and a busy timeout, so
+the gunicorn workers of one host, and several hosts of one machine, write the same file) or
+PostgreSQL (``postgresql://user:password@host/db``, ``pip install 'mlpipe[postgres]'``) for teams.
+
+    mlpipe_predictions  one row per predicted input row: request_id, row, model, version, host,
+                        ts (unix seconds, UTC), latency_ms, inputs (JSON object), prediction (JSON)
+    mlpipe_feedback     the true label of (request_id, row) for a model; a later label replaces
+                        an earlier one
+
+The request path never waits on the database: the server calls ``Recorder.offer()``, which only
+appends to a bounded in-memory queue; a writer thread per process batches the rows into the
+database. A slow, full or dead database costs captured rows (counted by reason in ``stats()``,
+logged at most once per 30 s per reason), never a failed or slower prediction.
+
+Retention is bounded: the writer deletes rows older than ``max_age_seconds`` (30 days by default)
+and all but the newest ``max_rows`` (1,000,000) per model, every ``prune_every`` seconds; labels
+follow the same rules. ``mlpipe predictions prune`` does the same by hand.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from mlpipe.errors import NotReady, UsageError
+
+ENV = "MLPIPE_CAPTURE_DB"
+CONNECT_TIMEOUT = 3         # seconds to reach a PostgreSQL server before giving up
+SQLITE_BUSY_TIMEOUT = 5     # seconds to wait for another process's write lock on a SQLite file
+LOG_EVERY = 30.0            # at most one log line per reason in this many seconds
+MAX_BACKOFF = 30.0          # seconds between reconnect attempts at most
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+META = ("request_id", "row", "model", "version", "host", "ts", "latency_ms")
+DROP_REASONS = ("queue_full", "db_error", "invalid")
+
+log = logging.getLogger("mlpipe.capture")
+
+metadata = sa.MetaData()
+predictions_table = sa.Table(
+    "mlpipe_predictions", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(64), nullable=False),
+    sa.Column("row", sa.Integer, nullable=False),
+    sa.Column("model", sa.String(64), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("ts", sa.Double, nullable=False),
+    sa.Column("latency_ms", sa.Double),
+    sa.Column("inputs", sa.Text, nullable=False),
+    sa.Column("prediction", sa.Text),
+    sa.UniqueConstraint("request_id", "row", name="uq_mlpipe_predictions_request_row"),
+    sa.Index("ix_mlpipe_predictions_model_ts", "model", "ts"),
+)
+feedback_table = sa.Table(
+    "mlpipe_feedback", metadata,
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("row", sa.Integer, primary_key=True),
+    sa.Column("model", sa.String(64), nullable=False),
+    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("ts", sa.Double, nullable=False),
+    sa.Column("source", sa.String(255), nullable=False),
+    sa.Index("ix_mlpipe_feedback_model_ts", "model", "ts"),
+)
+
+
+def db_url(explicit: str | None = None) -> str:
+    """The capture database URL: ``explicit``, else MLPIPE_CAPTURE_DB, else a SQLite file under
+    MLPIPE_FLEET_ROOT (or ~/.mlpipe)."""
+    url = (explicit or os.environ.get(ENV) or "").strip()
+    if url:
+        return url
+    root = os.environ.get("MLPIPE_FLEET_ROOT") or os.path.join(os.path.expanduser("~"), ".mlpipe")
+    return f"sqlite:///{os.path.abspath(os.path.join(root, 'capture.db'))}"
+
+
+def redact(url: str) -> str:
+    """The URL with its password masked: what messages and logs show."""
+    try:
+        u = sa.engine.make_url(url)
+        return u.render_as_string(hide_password=True) if u.password is not None else url
+    except Exception:
+        return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", str(url))
+
+
+def _json_default(value):
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def dumps(value) -> str:
+    return json.dumps(value, default=_json_default, separators=(",", ":"))
+
+
+def _loads_many(texts: list) -> list:
+    """Many JSON texts (None kept as None) parsed in one json.loads call: what makes reading a
+    million captured rows take seconds, not minutes."""
+    present = [t for t in texts if t is not None]
+    parsed = iter(json.loads("[" + ",".join(present) + "]")) if present else iter(())
+    return [None if t is None else next(parsed) for t in texts]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _pg_driver() -> str:
+    """SQLAlchemy 2.1 maps a bare postgresql:// to psycopg (3); mlpipe[postgres] installs psycopg2."""
+    for module, driver in (("psycopg2", "postgresql+psycopg2"), ("psycopg", "postgresql+psycopg")):
+        try:
+            __import__(module)
+            return driver
+        except ImportError:
+            continue
+    raise UsageError("the capture database is PostgreSQL but no PostgreSQL driver is installed",
+                     hint="pip install 'mlpipe[postgres]' (psycopg2-binary)")
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT * 1000}")
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")  # persistent in the file: the first connection that gets it wins
+        except Exception:
+            pass
+        cur.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cur.close()
+
+
+class Store:
+    """The capture tables of one database. Methods raise NotReady (exit 2, HTTP 503) when the
+    database cannot be reached or written, UsageError for a URL that cannot work."""
+
+    def __init__(self, url: str | None = None):
+        self.url = db_url(url)
+        self.shown = redact(self.url)
+        try:
+            u = sa.engine.make_url(self.url)
+        except Exception:
+            raise UsageError(f"capture database URL {self.shown!r} is not a SQLAlchemy URL",
+                             hint="write sqlite:////var/lib/mlpipe/capture.db or postgresql://user:password@host/db") from None
+        self._password = u.password
+        self.backend = u.get_backend_name()
+        self.sqlite_path: Path | None = None
+        try:
+            if self.backend == "sqlite":
+                if u.database and u.database != ":memory:" and not u.database.startswith("file:"):
+                    self.sqlite_path = Path(u.database)
+                self.engine = sa.create_engine(u, connect_args={"timeout": SQLITE_BUSY_TIMEOUT}, pool_pre_ping=True)
+                sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            elif self.backend == "postgresql":
+                if u.drivername == "postgresql":
+                    u = u.set(drivername=_pg_driver())
+                self.engine = sa.create_engine(
+                    u, pool_pre_ping=True, pool_size=2, max_overflow=4, pool_timeout=CONNECT_TIMEOUT,
+                    connect_args={"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 30,
+                                  "keepalives_interval": 10, "keepalives_count": 3,
+                                  "application_name": "mlpipe-capture"})
+            else:
+                raise UsageError(f"capture database {self.shown} is {self.backend}: only SQLite and PostgreSQL are supported",
+                                 hint="set MLPIPE_CAPTURE_DB to sqlite:///PATH or postgresql://user:password@host/db")
+        except ImportError as exc:
+            raise UsageError(f"the driver for capture database {self.shown} is not installed ({exc.name})",
+                             hint="pip install 'mlpipe[postgres]' for PostgreSQL") from None
+        self._schema = False
+
+    def __repr__(self) -> str:
+        return f"Store({self.shown!r})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str):
+        try:
+            yield
+        except (sa_exc.SQLAlchemyError, OSError) as exc:  # OSError: the SQLite file's folder cannot be made
+            msg = _first_line(exc)
+            if self._password:
+                msg = msg.replace(self._password, "***")
+            raise NotReady(f"capture database {self.shown}: {doing} failed: {msg}",
+                           hint="check MLPIPE_CAPTURE_DB, that the database is up and its disk has space; "
+                                "see docs/runbooks/capture-database.md") from None
+
+    def _ensure(self, create: bool = True) -> bool:
+        """Create the tables when missing. False when nothing was ever captured (a SQLite file that
+        does not exist is not created just to be read)."""
+        if self._schema:
+            return True
+        if self.sqlite_path is not None and not self.sqlite_path.exists():
+            if not create:
+                return False
+            self.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            try:
+                metadata.create_all(self.engine, checkfirst=True)
+                break
+            except (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.OperationalError) as exc:
+                # another worker created the same table at the same moment: look again
+                text = str(exc).lower()
+                if attempt == 2 or ("already exists" not in text and "duplicate" not in text):
+                    raise
+                time.sleep(0.2)
+        self._schema = True
+        return True
+
+    def _insert(self, table):
+        if self.backend == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        return insert(table)
+
+    # -- predictions ----------------------------------------------------------------------------
+    def write(self, rows: list[dict]) -> int:
+        """Insert captured rows (keys as the columns; ``inputs`` a dict, ``prediction`` a scalar).
+        A (request_id, row) already stored is kept as it was. Returns the rows handed to the database."""
+        if not rows:
+            return 0
+        values = []
+        for r in rows:
+            inputs, pred = r.get("inputs", {}), r.get("prediction")
+            values.append({
+                "request_id": str(r["request_id"])[:64], "row": int(r.get("row", 0)), "model": str(r["model"])[:64],
+                "version": int(r["version"]), "host": str(r.get("host") or "")[:255], "ts": float(r["ts"]),
+                "latency_ms": None if r.get("latency_ms") is None else float(r["latency_ms"]),
+                "inputs": inputs if isinstance(inputs, str) else dumps(inputs),
+                "prediction": None if pred is None else dumps(pred)})
+        stmt = self._insert(predictions_table).on_conflict_do_nothing(index_elements=["request_id", "row"])
+        with self._errors("writing captured predictions"):
+            self._ensure()
+            with self.engine.begin() as conn:
+                conn.execute(stmt, values)
+        return len(values)
+
+    def _select(self, model, since, until, labelled, version):
+        p, f = predictions_table, feedback_table
+        joined = p.outerjoin(f, sa.and_(f.c.request_id == p.c.request_id, f.c.row == p.c.row, f.c.model == p.c.model))
+        q = sa.select(p.c.request_id, p.c.row, p.c.model, p.c.version, p.c.host, p.c.ts, p.c.latency_ms,
+                      p.c.inputs, p.c.prediction, f.c.label).select_from(joined).where(p.c.model == model)
+        if since is not None:
+            q = q.where(p.c.ts >= float(since))
+        if until is not None:
+            q = q.where(p.c.ts < float(until))
+        if version is not None:
+            q = q.where(p.c.version == int(version))
+        if labelled is True:
+            q = q.where(f.c.label.is_not(None))
+        elif labelled is False:
+            q = q.where(f.c.label.is_(None))
+        return q
+
+    def records(self, model: str, since: float | None = None, until: float | None = None, limit: int | None = None,
+                labelled: bool | None = None, version: int | None = None) -> list[dict]:
+        """Captured rows as dicts (``inputs`` a dict, ``label`` None when none): oldest first, or
+        the newest ``limit`` newest first."""
+        q = self._select(model, since, until, labelled, version)
+        p = predictions_table
+        q = q.order_by(p.c.ts.desc(), p.c.id.desc()).limit(int(limit)) if limit is not None else q.order_by(p.c.ts, p.c.id)
+        with self._errors("reading captured predictions"):
+            if not self._ensure(create=False):
+                return []
+            with self.engine.connect() as conn:
+                rows = conn.execute(q).all()
+        inputs = _loads_many([r.inputs for r in rows])
+        preds = _loads_many([r.prediction for r in rows])
+        labels = _loads_many([r.label for r in rows])
+        return [{"request_id": r.request_id, "row": r.row, "model": r.model, "version": r.version, "host": r.host,
+                 "ts": r.ts, "latency_ms": r.latency_ms, "inputs": i, "prediction": pr, "label": lb}
+                for r, i, pr, lb in zip(rows, inputs, preds, labels)]
+
+    def predictions(self, model: str, since: float | None = None, until: float | None = None,
+                    limit: int | None = None, labelled: bool | None = None, version: int | None = None):
+        """A DataFrame: request_id, row, model, version, host, ts, latency_ms, one column per input
+        feature, prediction, label (None/NaN when no label). A feature named like one of the other
+        columns appears as ``input.<name>``."""
+        import pandas as pd
+        recs = self.records(model, since, until, limit, labelled, version)
+        if not recs:
+            return pd.DataFrame({c: pd.Series(dtype=object) for c in META + ("prediction", "label")})
+        frame = pd.DataFrame({k: [r[k] for r in recs] for k in META})
+        inputs = pd.DataFrame.from_records([r["inputs"] for r in recs])
+        inputs.columns = [f"input.{c}" if c in META or c in ("prediction", "label") else c for c in inputs.columns]
+        tail = pd.DataFrame({"prediction": [r["prediction"] for r in recs], "label": [r["label"] for r in recs]})
+        return pd.concat([frame, inputs, tail], axis=1)
+
+    def count(self, model: str, since: float | None = None) -> int:
+        p = predictions_table
+        q = sa.select(sa.func.count()).select_from(p).where(p.c.model == model)
+        if since is not None:
+            q = q.where(p.c.ts >= float(since))
+        with self._errors("counting captured predictions"):
+            if not self._ensure(create=False):
+                return 0
+            with self.engine.connect() as conn:
+                return int(conn.execute(q).scalar_one())
+
+    # -- feedback -------------------------------------------------------------------------------
+    def attach_labels(self, model: str, items: list[tuple[str, int, Any]], source: str) -> dict:
+        """Store true labels ``(request_id, row, label)`` for ``model`` in one transaction; a later
+        label replaces an earlier one (also within ``items``). Returns {"stored", "matched",
+        "unmatched"}: matched = a captured prediction of ``model`` has that request id and row."""
+        latest: dict[tuple[str, int], Any] = {}
+        for n, item in enumerate(items):
+            try:
+                request_id, row, label = item
+            except (TypeError, ValueError):
+                raise UsageError(f"label {n}: expected (request_id, row, label), got {item!r}") from None
+            if not isinstance(request_id, str) or not REQUEST_ID_RE.match(request_id):
+                raise UsageError(f"label {n}: request id {request_id!r} is not a request id",
+                                 hint="the X-Request-Id of the prediction: 1-64 characters A-Z a-z 0-9 . _ : -")
+            if isinstance(row, bool) or not isinstance(row, int) or row < 0:
+                raise UsageError(f"label {n}: row {row!r} is not a row number", hint="0 for the first row of the request")
+            if label is None or isinstance(label, (list, dict)) or (isinstance(label, float) and not math.isfinite(label)):
+                raise UsageError(f"label {n}: label {label!r} for request {request_id} is not a class or a number")
+            latest[(request_id, row)] = label
+        if not latest:
+            return {"stored": 0, "matched": 0, "unmatched": 0}
+        now = time.time()
+        values = [{"request_id": rid, "row": row, "model": model, "label": dumps(label), "ts": now,
+                   "source": str(source)[:255]} for (rid, row), label in latest.items()]
+        stmt = self._insert(feedback_table)
+        stmt = stmt.on_conflict_do_update(index_elements=["request_id", "row"],
+                                          set_={c: stmt.excluded[c] for c in ("model", "label", "ts", "source")})
+        p = predictions_table
+        keys = list(latest)
+        matched = 0
+        with self._errors("storing labels"):
+            self._ensure()
+            with self.engine.begin() as conn:
+                for i in range(0, len(values), 1000):
+                    conn.execute(stmt, values[i:i + 1000])
+                for i in range(0, len(keys), 500):
+                    chunk = keys[i:i + 500]
+                    found = conn.execute(sa.select(p.c.request_id, p.c.row).where(
+                        p.c.model == model, p.c.request_id.in_(sorted({k[0] for k in chunk})))).all()
+                    matched += len(set(chunk) & {(r.request_id, r.row) for r in found})
+        return {"stored": len(values), "matched": matched, "unmatched": len(values) - matched}
+
+    # -- retention ------------------------------------------------------------------------------
+    def prune(self, max_age_seconds: float | None, max_rows: int | None) -> int:
+        """Delete captured predictions older than ``max_age_seconds`` and all but the newest
+        ``max_rows`` of each model (None: no limit); labels follow the same rules. Deletes in
+        chunks so a writer in another process is never locked out for long. Returns the
+        predictions deleted."""
+        p, f = predictions_table, feedback_table
+        deleted = 0
+        with self._errors("pruning captured predictions"):
+            if not self._ensure(create=False):
+                return 0
+            if max_age_seconds is not None:
+                cutoff = time.time() - float(max_age_seconds)
+                deleted += self._delete_chunks(p.c.ts < cutoff)
+                with self.engine.begin() as conn:
+                    conn.execute(sa.delete(f).where(f.c.ts < cutoff))
+            if max_rows is not None:
+                with self.engine.connect() as conn:
+                    models = [r[0] for r in conn.execute(sa.select(p.c.model).distinct()).all()]
+                    models_fb = [r[0] for r in conn.execute(sa.select(f.c.model).distinct()).all()]
+                for model in models:
+                    with self.engine.connect() as conn:  # the newest row past the limit, by time
+                        last = conn.execute(sa.select(p.c.ts, p.c.id).where(p.c.model == model)
+                                            .order_by(p.c.ts.desc(), p.c.id.desc()).offset(int(max_rows)).limit(1)).first()
+                    if last is not None:
+                        deleted += self._delete_chunks(sa.and_(p.c.model == model, sa.or_(
+                            p.c.ts < last.ts, sa.and_(p.c.ts == last.ts, p.c.id <= last.id))))
+                for model in models_fb:
+                    with self.engine.begin() as conn:
+                        ts = conn.execute(sa.select(f.c.ts).where(f.c.model == model).order_by(f.c.ts.desc())
+                                          .offset(int(max_rows)).limit(1)).scalar()
+                        if ts is not None:
+                            conn.execute(sa.delete(f).where(f.c.model == model, f.c.ts <= ts))
+        return deleted
+
+    def _delete_chunks(self, where, chunk: int = 5000) -> int:
+        p = predictions_table
+        total = 0
+        while True:
+            with self.engine.begin() as conn:
+                n = conn.execute(sa.delete(p).where(p.c.id.in_(sa.select(p.c.id).where(where).limit(chunk)))).rowcount
+            total += max(n, 0)
+            if n < chunk:
+                return total
+
+
+# -- the serving side ---------------------------------------------------------------------------
+_RECORDERS: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for rec in list(_RECORDERS):
+        rec._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Recorder:
+    """Captures predictions off the request path, one per serving process.
+
+    ``offer()`` appends to a bounded queue (rows, not requests) and returns; a daemon writer thread,
+    started by the first offer() of each process (a forked child starts its own and forgets the
+    parent's queue), batches rows into the database. A batch the database refuses is dropped and
+    counted (``db_error``); reconnection backs off up to 30 s, and while the database is failing
+    rows that do not fit in the queue are counted as ``db_error`` too (``queue_full`` otherwise).
+    """
+
+    def __init__(self, url: str | None, host: str, max_queue: int = 10000, flush_interval: float = 0.5,
+                 batch_rows: int = 1000, max_age_seconds: float | None = 30 * 86400, max_rows: int | None = 1_000_000,
+                 prune_every: float = 600):
+        self.url = db_url(url)
+        self.shown = redact(self.url)
+        self.host = str(host)[:255]
+        self.max_queue = int(max_queue)
+        self.flush_interval = float(flush_interval)
+        self.batch_rows = max(1, int(batch_rows))
+        self.max_age_seconds = max_age_seconds
+        self.max_rows = max_rows
+        self.prune_every = prune_every
+        self._inherited: list = []  # a parent's engines, kept so that closing them never touches its connections
+        self._reset()
+        _RECORDERS.add(self)
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._items: collections.deque = collections.deque()
+        self._queued = 0
+        self._inflight = 0
+        self._captured = 0
+        self._dropped = dict.fromkeys(DROP_REASONS, 0)
+        self._failing = False
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopping = False
+        self._closed = False
+        self._retry_now = False
+        self._store: Store | None = None
+
+    def _forked(self) -> None:
+        if self._pid == os.getpid():
+            return
+        if self._store is not None:
+            self._inherited.append(self._store)
+        self._reset()
+
+    # -- request path ---------------------------------------------------------------------------
+    def offer(self, model, version, request_id, features, X, predictions, latency_ms) -> None:
+        """Queue one request's rows for capture. Never blocks on the database, never raises."""
+        try:
+            if self._pid != os.getpid():
+                self._forked()
+            n = len(predictions) if hasattr(predictions, "__len__") else 1
+            item = (time.time(), model, version, request_id, features, X, predictions, latency_ms, n)
+            with self._lock:
+                if self._closed:
+                    return
+                if self._queued + n > self.max_queue:
+                    self._dropped["db_error" if self._failing else "queue_full"] += n
+                    return
+                self._items.append(item)
+                self._queued += n
+                start = self._thread is None
+                if start:
+                    self._thread = threading.Thread(target=self._run, name="mlpipe-capture", daemon=True)
+            if start:
+                self._thread.start()
+            if self._queued >= self.batch_rows:
+                self._wake.set()
+        except Exception:  # capture must never cost a prediction
+            pass
+
+    def stats(self) -> dict:
+        if self._pid != os.getpid():
+            self._forked()
+        with self._lock:
+            return {"captured": self._captured, "dropped": dict(self._dropped), "queued": self._queued + self._inflight}
+
+    # -- tests and shutdown ---------------------------------------------------------------------
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Write what is queued now (skipping any reconnect backoff). True when the queue emptied
+        within ``timeout`` (the rows were written or counted as dropped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                idle = self._queued == 0 and self._inflight == 0
+                alive = self._thread is not None and self._thread.is_alive()
+            if idle:
+                return True
+            if not alive or time.monotonic() > deadline:
+                return False
+            self._retry_now = True
+            self._wake.set()
+            time.sleep(0.02)
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop taking rows, write what is queued (within ``timeout``) and stop the writer."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        drained = self.flush(timeout) if thread is not None else True
+        self._stopping = True
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.1, timeout))
+        if self._store is not None and self._pid == os.getpid():
+            self._store.close()
+        return drained
+
+    # -- the writer thread ----------------------------------------------------------------------
+    def _take(self) -> list:
+        batch, rows = [], 0
+        with self._lock:
+            while self._items and (not batch or rows + self._items[0][-1] <= self.batch_rows):
+                item = self._items.popleft()
+                batch.append(item)
+                rows += item[-1]
+            self._queued -= rows
+            self._inflight = rows
+        return batch
+
+    def _rows(self, batch: list) -> tuple[list[dict], int]:
+        """Queue items -> table rows (the JSON work happens here, not on the request path)."""
+        out, invalid = [], 0
+        for ts, model, version, request_id, features, X, preds, latency_ms, n in batch:
+            try:
+                if not isinstance(request_id, str) or not request_id or len(request_id) > 64:
+                    raise ValueError("bad request id")
+                if hasattr(X, "to_dict") and hasattr(X, "columns"):  # a DataFrame
+                    inputs = X.to_dict("records")
+                else:
+                    names = list(features)
+                    inputs = [dict(zip(names, r)) for r in (X.tolist() if hasattr(X, "tolist") else X)]
+                values = preds.tolist() if hasattr(preds, "tolist") else list(preds) if hasattr(preds, "__len__") else [preds]
+                if len(values) != len(inputs):
+                    raise ValueError("rows and predictions differ")
+                for i, (inp, pred) in enumerate(zip(inputs, values)):
+                    out.append({"request_id": request_id, "row": i, "model": model, "version": int(version),
+                                "host": self.host, "ts": ts, "latency_ms": latency_ms,
+                                "inputs": dumps(inp), "prediction": pred})
+            except Exception:
+                invalid += n
+        return out, invalid
+
+    def _run(self) -> None:
+        state = {"backoff": 0.0, "retry_at": 0.0, "error": "",
+                 "next_prune": time.monotonic() + (random.uniform(0.1, 1.0) * self.prune_every if self.prune_every else 0),
+                 "last_log": dict.fromkeys(DROP_REASONS + ("prune",), -math.inf),
+                 "logged": dict.fromkeys(DROP_REASONS, 0)}
+        while True:
+            try:
+                if self._cycle(state):
+                    return
+            except Exception:  # a bug here must not stop capture for the life of the worker
+                log.exception("capture: the writer thread failed; going on")
+                with self._lock:
+                    self._dropped["invalid"] += self._inflight
+                    self._inflight = 0
+                time.sleep(1.0)
+
+    def _cycle(self, state: dict) -> bool:
+        """One wake-up of the writer: write what is queued (unless backing off), prune when due,
+        report drops. True when the recorder is closing."""
+        self._wake.wait(self.flush_interval)
+        self._wake.clear()
+        stopping = self._stopping
+        now = time.monotonic()
+        if now >= state["retry_at"] or self._retry_now:
+            self._retry_now = False
+            while True:
+                batch = self._take()
+                if not batch:
+                    break
+                rows, invalid = self._rows(batch)
+                try:
+                    if self._store is None:
+                        self._store = Store(self.url)
+                    self._store.write(rows)
+                except Exception as exc:
+                    state["error"] = str(exc)
+                    with self._lock:
+                        self._dropped["db_error"] += len(rows)
+                        self._dropped["invalid"] += invalid
+                        self._inflight = 0
+                        self._failing = True
+                    state["backoff"] = min(MAX_BACKOFF, state["backoff"] * 2 or 1.0)
+                    state["retry_at"] = time.monotonic() + state["backoff"]
+                    if self._store is not None:
+                        self._store.engine.dispose()
+                        self._store._schema = False  # look at the tables again (a database rebuilt empty)
+                    break
+                with self._lock:
+                    self._captured += len(rows)
+                    self._dropped["invalid"] += invalid
+                    self._inflight = 0
+                    recovered, self._failing = self._failing, False
+                if recovered:
+                    log.warning("capture database %s is reachable again: capturing predictions", self.shown)
+                state["backoff"] = 0.0
+            if (self.prune_every and not self._failing and self._store is not None
+                    and time.monotonic() >= state["next_prune"]
+                    and (self.max_age_seconds is not None or self.max_rows is not None)):
+                state["next_prune"] = time.monotonic() + self.prune_every
+                try:
+                    n = self._store.prune(self.max_age_seconds, self.max_rows)
+                    if n:
+                        log.info("capture: pruned %d captured predictions from %s", n, self.shown)
+                except Exception as exc:
+                    if time.monotonic() - state["last_log"]["prune"] >= LOG_EVERY:
+                        state["last_log"]["prune"] = time.monotonic()
+                        log.warning("capture: pruning %s failed: %s", self.shown, exc)
+        self._report(state["last_log"], state["logged"], state["error"])
+        return stopping
+
+    def _report(self, last_log: dict, logged: dict, error: str) -> None:
+        """At most one warning per reason per LOG_EVERY seconds, with the rows dropped since the last one."""
+        now = time.monotonic()
+        with self._lock:
+            dropped = dict(self._dropped)
+        why = {"db_error": f"the capture database failed: {error}; predictions are unaffected, check {self.shown}",
+               "queue_full": f"the capture queue ({self.max_queue} rows) is full: {self.shown} is slower than the "
+                             "traffic; lower capture_sample or speed up the database",
+               "invalid": "the rows could not be converted for the database"}
+        for reason in DROP_REASONS:
+            new = dropped[reason] - logged[reason]
+            if new > 0 and now - last_log[reason] >= LOG_EVERY:
+                log.warning("capture: %d rows dropped (%s): %s", new, reason, why[reason])
+                last_log[reason] = now
+                logged[reason] = dropped[reason]
