@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH):/usr/sbin
-APT_PACKAGES := redis-server haproxy openssh-server openssh-client cron logrotate wrk supervisor systemd python3-venv
+APT_PACKAGES := redis-server haproxy openssh-server openssh-client cron logrotate wrk supervisor systemd python3-venv postgresql
 DEMO ?= .demo
 PYTEST_ARGS ?=
 # test files run side by side (pytest-xdist, one worker per file): each e2e module has its own fleet
@@ -22,11 +22,13 @@ help:
 
 # Debian packages the real servers in the tests come from; installed only when missing. systemd only
 # for systemd-analyze (the unit test; nothing is started); python3-venv for mlpipe_common's molecule venv;
-# logrotate for retrain_cron (its molecule checks the rule with logrotate -d).
+# logrotate for retrain_cron (its molecule checks the rule with logrotate -d); postgresql for the
+# capture database tests (started by the tests as the postgres user; the package starts nothing here).
 deps:
 	@missing=""; for c in redis-server haproxy sshd ssh-keygen crontab logrotate wrk supervisord systemd-analyze; do \
 	  command -v $$c >/dev/null 2>&1 || [ -x /usr/sbin/$$c ] || missing="$$missing $$c"; done; \
 	/usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages (missing:$$missing)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -81,13 +81,14 @@ feedback_table = sa.Table(
 
 
 def db_url(explicit: str | None = None) -> str:
-    """The capture database URL: ``explicit``, else MLPIPE_CAPTURE_DB, else a SQLite file under
-    MLPIPE_FLEET_ROOT (or ~/.mlpipe)."""
+    """The capture database URL: ``explicit``, else MLPIPE_CAPTURE_DB, else the SQLite file
+    ``capture/capture.db`` under MLPIPE_FLEET_ROOT (or ~/.mlpipe): where the model_server role puts it
+    on the local fleet (a folder of its own, the only one under the root the server user may write)."""
     url = (explicit or os.environ.get(ENV) or "").strip()
     if url:
         return url
     root = os.environ.get("MLPIPE_FLEET_ROOT") or os.path.join(os.path.expanduser("~"), ".mlpipe")
-    return f"sqlite:///{os.path.abspath(os.path.join(root, 'capture.db'))}"
+    return f"sqlite:///{os.path.abspath(os.path.join(root, 'capture', 'capture.db'))}"
 
 
 def redact(url: str) -> str:

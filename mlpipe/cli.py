@@ -436,7 +436,13 @@ def evaluate(ref, source, mins, maxs, regs, against, endpoint, model, expect_ver
 @click.option("--token", "tokens", multiple=True, help="Accept this bearer token (repeat for several).")
 @click.option("--require-onnx", is_flag=True, default=None, help="Refuse versions without model.onnx (never unpickle).")
 @click.option("--pidfile", default=None, type=click.Path(dir_okay=False), help="Write the gunicorn master pid here.")
-def serve(model_dir, host, port, workers, tokens, require_onnx, pidfile):
+@click.option("--capture-sample", default=None, type=click.FloatRange(0, 1), metavar="SHARE",
+              help="Share of predictions recorded in the capture database (0 off, 1 all) [env MLPIPE_CAPTURE_SAMPLE; "
+                   "default: the served version's spec capture.sample, else 0.1].")
+@click.option("--capture-db", default=None, metavar="URL",
+              help="Capture database, a SQLAlchemy URL [env MLPIPE_CAPTURE_DB; default a SQLite file under "
+                   "MLPIPE_FLEET_ROOT or ~/.mlpipe].")
+def serve(model_dir, host, port, workers, tokens, require_onnx, pidfile, capture_sample, capture_db):
     """Serve a model folder over REST with gunicorn (the same server as in production).
 
     \b
@@ -456,6 +462,10 @@ def serve(model_dir, host, port, workers, tokens, require_onnx, pidfile):
         env["MLPIPE_AUTH_TOKENS"] = ",".join(tokens)
     if require_onnx:
         env["MLPIPE_REQUIRE_ONNX"] = "1"
+    if capture_sample is not None:
+        env["MLPIPE_CAPTURE_SAMPLE"] = str(capture_sample)
+    if capture_db:
+        env["MLPIPE_CAPTURE_DB"] = capture_db
     load_config()  # fail here, with our message, rather than inside gunicorn
     gunicorn = shutil.which("gunicorn", path=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
     if not gunicorn:
@@ -494,6 +504,11 @@ cli.add_command(fleet)
 from mlpipe.cli_retrain import retrain  # noqa: E402
 
 cli.add_command(retrain)
+
+from mlpipe.cli_capture import feedback, predictions  # noqa: E402
+
+cli.add_command(predictions)
+cli.add_command(feedback)
 
 
 def main(argv=None) -> None:

@@ -3,7 +3,14 @@
     gunicorn -c python:mlpipe.gunicorn_conf 'mlpipe.serve:create_app()'
 
 Endpoints: Open Inference Protocol v2 (``/v2/...``), the MLflow scoring protocol
-(``/invocations``, ``/ping``, ``/version``), ``/metadata``, ``/openapi.json``, ``/metrics``.
+(``/invocations``, ``/ping``, ``/version``), ``/metadata``, ``/openapi.json``, ``/metrics``, and
+``POST /feedback`` (true labels for earlier predictions, by request id).
+
+Every prediction answer carries a request id (``X-Request-Id`` header and ``request_id`` in the body;
+a client's own ``X-Request-Id`` is kept). A sampled share of predictions is captured (``mlpipe.capture``:
+inputs, prediction, version, host, latency) by a background thread: the request never waits on the
+capture database, and a slow or dead one costs captured rows (``mlpipe_capture_dropped_rows_total``),
+never a failed or slower prediction.
 
 The model is read from ``<model_dir>/current`` (see ``mlpipe.hostdir``). Each worker verifies the
 sha256 of what it loads, loads it and warms it before it answers. A graceful reload (SIGHUP to the
@@ -19,6 +26,9 @@ import json
 import logging
 import math
 import os
+import random
+import re
+import socket
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -34,10 +44,16 @@ from mlpipe.errors import (IntegrityError, MlpipeError, NotFound, NotReady, Payl
 log = logging.getLogger("mlpipe.serve")
 
 DEFAULTS = {"model_dir": "", "bind": "127.0.0.1:8000", "workers": 2, "auth_tokens": [], "max_rows": 10000,
-            "max_body_bytes": 10 * 1024 * 1024, "require_onnx": False, "timeout": 30}
+            "max_body_bytes": 10 * 1024 * 1024, "require_onnx": False, "timeout": 30,
+            "capture_db": "", "capture_sample": None, "capture_max_age": "30d", "capture_max_rows": 1_000_000,
+            "host": ""}
 ENV = {"model_dir": "MLPIPE_MODEL_DIR", "bind": "MLPIPE_BIND", "workers": "MLPIPE_WORKERS",
        "auth_tokens": "MLPIPE_AUTH_TOKENS", "max_rows": "MLPIPE_MAX_ROWS", "max_body_bytes": "MLPIPE_MAX_BODY_BYTES",
-       "require_onnx": "MLPIPE_REQUIRE_ONNX", "timeout": "MLPIPE_TIMEOUT"}
+       "require_onnx": "MLPIPE_REQUIRE_ONNX", "timeout": "MLPIPE_TIMEOUT", "capture_db": "MLPIPE_CAPTURE_DB",
+       "capture_sample": "MLPIPE_CAPTURE_SAMPLE", "capture_max_age": "MLPIPE_CAPTURE_MAX_AGE",
+       "capture_max_rows": "MLPIPE_CAPTURE_MAX_ROWS", "host": "MLPIPE_HOST"}
+DEFAULT_CAPTURE_SAMPLE = 0.1   # when neither the server nor the served version's spec (capture.sample) says
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 LAST_GOOD = ".last-good"
 _NUMERIC_OIP = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"}
 _OIP_NP = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
@@ -56,7 +72,35 @@ def _coerce(key: str, value: Any) -> Any:
                              hint="every token must be a non-empty string without spaces (an empty one would let "
                                   "requests without a token in)")
         return tokens
-    if key in ("workers", "max_rows", "max_body_bytes", "timeout"):
+    if key == "capture_sample":
+        if value in (None, ""):
+            return None
+        try:
+            share = float(value)
+        except (TypeError, ValueError):
+            share = -1.0
+        if isinstance(value, bool) or not 0 <= share <= 1:
+            raise UsageError(f"serve setting 'capture_sample' must be a share between 0 and 1, got {value!r}",
+                             hint="0 turns capture off, 0.1 records one request in ten, 1 records every request")
+        return share
+    if key == "capture_max_age":
+        from mlpipe.spec import parse_duration
+        from mlpipe.errors import SpecError
+        try:
+            return parse_duration(value, "serve setting 'capture_max_age'")
+        except SpecError as exc:
+            raise UsageError(exc.message, hint=exc.hint) from None
+    if key == "capture_db" and value:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+        try:
+            make_url(str(value))
+        except ArgumentError:
+            raise UsageError("serve setting 'capture_db' is not a database URL",
+                             hint="write sqlite:////var/lib/mlpipe/capture.db or "
+                                  "postgresql://user:password@host/db (empty: a SQLite file under the host's root)") from None
+        return str(value)
+    if key in ("workers", "max_rows", "max_body_bytes", "timeout", "capture_max_rows"):
         try:
             return int(value)
         except (TypeError, ValueError):
@@ -123,6 +167,8 @@ class LoadedModel:
         self.classes = sig["target"].get("classes") or []
         self.target_datatype = artifact.oip_datatype(sig["target"]["dtype"]) if self.kind == "classification" else "FP64"
         self.version_label = str(self.version)
+        spec_capture = (self.manifest.get("spec") or {}).get("capture") or {}
+        self.spec_sample = spec_capture.get("sample") if isinstance(spec_capture, dict) else None
 
     @classmethod
     def load(cls, path: Path, require_onnx: bool = False) -> "LoadedModel":
@@ -225,6 +271,118 @@ class ModelSlot:
         metrics().set_model(self.model)
 
 
+# ----------------------------------------------------------------------------------------- capture
+def request_id(given: str | None) -> str:
+    """The client's own id when it is a sane one (X-Request-Id), else a new random one."""
+    if given and REQUEST_ID_RE.match(given):
+        return given
+    return os.urandom(12).hex()
+
+
+class Capture:
+    """This worker's sampled prediction capture: decides per request whether to record it and hands
+    what to record to a ``mlpipe.capture.Recorder`` (bounded queue, background writer). Nothing here
+    waits on the database or raises into the request."""
+
+    def __init__(self, cfg: dict):
+        self.url = cfg["capture_db"] or None
+        self.fixed = cfg["capture_sample"]
+        self.host = cfg["host"] or socket.gethostname()
+        self.max_age, self.max_rows = cfg["capture_max_age"], cfg["capture_max_rows"]
+        self._recorder = None
+        self._store = None
+        self._broken = False
+
+    def share(self, m: LoadedModel) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        s = m.spec_sample
+        if isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 1:
+            return float(s)
+        return DEFAULT_CAPTURE_SAMPLE
+
+    def recorder(self):
+        if self._recorder is None and not self._broken:
+            try:
+                from mlpipe import capture
+                self._recorder = capture.Recorder(capture.db_url(self.url), host=self.host,
+                                                  max_age_seconds=self.max_age, max_rows=self.max_rows)
+            except Exception as exc:  # a capture bug must never cost a prediction
+                self._broken = True
+                log.error("prediction capture is off in this worker: %s", exc)
+        return self._recorder
+
+    def offer(self, m: LoadedModel, rid: str, X, labels, t0: float) -> None:
+        share = self.share(m)
+        if share <= 0 or (share < 1 and random.random() >= share):
+            return
+        rec = self.recorder()
+        if rec is None:
+            return
+        try:
+            rec.offer(m.name, m.version, rid, m.features, X, labels, (time.perf_counter() - t0) * 1000.0)
+        except Exception as exc:  # documented never to raise; belt and braces on the request path
+            log.error("prediction capture failed: %s", exc)
+
+    def stats(self) -> dict | None:
+        return self._recorder.stats() if self._recorder is not None else None
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until what is queued was written or dropped (tests, benchmarks)."""
+        if self._recorder is not None:
+            self._recorder.flush(timeout)
+        metrics().flush()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued (at most ``timeout`` seconds): a worker that stops loses no captured row
+        the database would take."""
+        if self._recorder is not None:
+            try:
+                self._recorder.close(timeout=timeout)
+            except Exception as exc:
+                log.error("prediction capture: rows still queued at exit were lost: %s", exc)
+
+    def store(self):
+        if self._store is None:
+            from mlpipe import capture
+            self._store = capture.Store(capture.db_url(self.url))
+        return self._store
+
+
+_FEEDBACK_MAX = 10000
+
+
+def parse_feedback(doc) -> list[tuple[str, int, Any]]:
+    """``{"request_id": ..., "label": ..., "row": 0}`` or a list of them -> [(request_id, row, label)]."""
+    items = doc if isinstance(doc, list) else [doc]
+    if not items:
+        raise _bad("no labels in the body", hint='send {"request_id": "...", "label": ...} or a list of those')
+    if len(items) > _FEEDBACK_MAX:
+        raise PayloadTooLarge(f"{len(items)} labels is more than one request takes ({_FEEDBACK_MAX})",
+                              hint="split them, or load a file with mlpipe feedback load MODEL FILE")
+    out = []
+    for i, it in enumerate(items):
+        where = f"item {i}" if isinstance(doc, list) else "the body"
+        if not isinstance(it, dict):
+            raise _bad(f"{where} is {type(it).__name__}, expected an object",
+                       hint='e.g. {"request_id": "5f3a...", "label": 1}')
+        unknown = set(it) - {"request_id", "label", "row", "model"}
+        if unknown:
+            raise _bad(f"{where} has unknown key(s) {', '.join(sorted(unknown))}",
+                       hint="keys: request_id, label, row (optional, default 0)")
+        rid, label, row = it.get("request_id"), it.get("label"), it.get("row", 0)
+        if not isinstance(rid, str) or not REQUEST_ID_RE.match(rid):
+            raise _bad(f"{where}: request_id must be the id a prediction answered with (X-Request-Id), got "
+                       f"{json.dumps(rid)[:70]}")
+        if label is None or not isinstance(label, (str, int, float, bool)) or (
+                isinstance(label, float) and not math.isfinite(label)):
+            raise _bad(f"{where}: label must be a string or a finite number, got {json.dumps(label)[:70]}")
+        if isinstance(row, bool) or not isinstance(row, int) or row < 0:
+            raise _bad(f"{where}: row must be a non-negative integer (the row of a multi-row request), got {row!r}")
+        out.append((rid, row, label))
+    return out
+
+
 # ----------------------------------------------------------------------------------------- metrics
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)
 VALUE_BUCKETS = (-1e3, -100, -10, -1, 0, 1, 10, 50, 100, 200, 300, 500, 1e3, 1e4)
@@ -263,6 +421,14 @@ class _Metrics:
                           ["name", "version", "id", "runtime"], multiprocess_mode="livemax")
         self.ready = Gauge("mlpipe_model_ready", "1 when a model is loaded", multiprocess_mode="livemin")
         self.load_failures = Counter("mlpipe_model_load_failures", "Versions refused at load", ["version"])
+        self.captured = Counter("mlpipe_capture_rows", "Prediction rows written to the capture database")
+        self.capture_dropped = Counter("mlpipe_capture_dropped_rows", "Sampled prediction rows not captured, by "
+                                       "reason (queue_full: the database is slower than the traffic; db_error: "
+                                       "it failed or is unreachable)", ["reason"])
+        self.capture_queue = Gauge("mlpipe_capture_queue_rows", "Rows waiting to be written to the capture database",
+                                   multiprocess_mode="livesum")
+        self.capture_source = None   # a Capture: its counts are added at every flush
+        self._capture_seen: dict = {}
         self._info_labels = None
         self._lock = threading.Lock()
         self._pending = _Pending()
@@ -319,6 +485,23 @@ class _Metrics:
             self.classes.labels(v, str(label)).inc(n)
         for v, obs in p.values.items():
             _observe_many(self.values.labels(v), obs, VALUE_BUCKETS)
+        if self.capture_source is not None:
+            self._flush_capture(self.capture_source.stats())
+
+    def _flush_capture(self, stats: dict | None) -> None:
+        if not stats:
+            return
+        seen = self._capture_seen
+        n = stats.get("captured", 0) - seen.get("captured", 0)
+        if n > 0:
+            self.captured.inc(n)
+        for reason, count in (stats.get("dropped") or {}).items():
+            n = count - seen.get(("dropped", reason), 0)
+            if n > 0:
+                self.capture_dropped.labels(reason).inc(n)
+            seen[("dropped", reason)] = count
+        seen["captured"] = stats.get("captured", 0)
+        self.capture_queue.set(stats.get("queued", 0))
 
 
 def _observe_many(hist, observations: list, buckets: tuple) -> None:
@@ -717,6 +900,8 @@ def openapi(m: LoadedModel | None) -> dict:
                 "Record": {"type": "object", "properties": props, "required": list(props), "additionalProperties": False},
                 "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
                 "Tensor": tensor,
+                "Feedback": {"type": "object", "required": ["request_id", "label"], "properties": {
+                    "request_id": {"type": "string"}, "label": value, "row": {"type": "integer", "minimum": 0}}},
                 "InferRequest": {"type": "object", "required": ["inputs"], "properties": {
                     "id": {"type": "string"}, "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/Tensor"}},
                     "outputs": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string", "enum": ["predict", "predict_proba"]}}}}}},
@@ -741,6 +926,12 @@ def openapi(m: LoadedModel | None) -> dict:
             "/version": {"get": {"summary": "server version", "security": [{"bearer": []}], "responses": {"200": {"description": "version"}}}},
             "/metadata": {"get": {"summary": "the served version's manifest", "security": [{"bearer": []}], "responses": {"200": {"description": "manifest"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "metrics"}}}},
+            "/feedback": {"post": {"summary": "true labels for earlier predictions, by the request id they answered with",
+                                   "security": [{"bearer": []}],
+                                   "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+                                       {"$ref": "#/components/schemas/Feedback"},
+                                       {"type": "array", "items": {"$ref": "#/components/schemas/Feedback"}}]}}}},
+                                   "responses": {"200": {"description": "stored"}, "400": err, "401": err, "503": err}}},
         },
     }
 
@@ -761,6 +952,8 @@ def create_app(config: dict | None = None):
     tokens = [t.encode() for t in cfg["auth_tokens"]]
     max_rows = cfg["max_rows"]
     mx = metrics()
+    cap = Capture(cfg)
+    mx.capture_source = cap
 
     def model() -> LoadedModel:
         if slot.model is None:
@@ -779,7 +972,9 @@ def create_app(config: dict | None = None):
 
     @app.errorhandler(MlpipeError)
     def _mlpipe_error(exc: MlpipeError):
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
+        if "mlpipe.request_id" in request.environ:
+            headers["X-Request-Id"] = request.environ["mlpipe.request_id"]
         return json_response({"error": str(exc)}, exc.http_status, headers)
 
     @app.errorhandler(HTTPException)
@@ -845,12 +1040,14 @@ def create_app(config: dict | None = None):
         m = _model_for(name, version)
         return json_response({"name": m.name, "ready": True})
 
-    def infer_core(name: str, version: str | None, body: bytes, header_length: str | None) -> dict:
+    def infer_core(name: str, version: str | None, body: bytes, header_length: str | None, rid: str,
+                   t0: float) -> dict:
         m = _model_for(name, version)
-        X, outputs, rid = parse_infer(m, body, header_length, max_rows)
+        X, outputs, oip_id = parse_infer(m, body, header_length, max_rows)
         want_proba = outputs is not None and "predict_proba" in outputs
         labels, probs = m.predict(X, proba=want_proba)
         mx.predictions(m, labels)
+        cap.offer(m, rid, X, labels, t0)
         out = []
         if outputs is None or "predict" in outputs:
             labels_list = np.asarray(labels).tolist()
@@ -859,27 +1056,62 @@ def create_app(config: dict | None = None):
         if want_proba and probs is not None:
             p = np.asarray(probs, dtype=np.float64)
             out.append({"name": "predict_proba", "datatype": "FP64", "shape": list(p.shape), "data": p.ravel().tolist()})
-        result = {"model_name": m.name, "model_version": m.version_label, "outputs": out}
-        if rid is not None:
-            result["id"] = rid
-        return result
+        # OIP's own "id" echoes the client's; request_id is what POST /feedback takes
+        return {"model_name": m.name, "model_version": m.version_label, "id": rid if oip_id is None else oip_id,
+                "request_id": rid, "outputs": out}
 
-    def invocations_core(content_type: str, body: bytes) -> dict:
+    def invocations_core(content_type: str, body: bytes, rid: str, t0: float) -> dict:
         m = model()
         X = parse_invocations(m, content_type, body, max_rows)
         labels, _ = m.predict(X)
         mx.predictions(m, labels)
-        return {"predictions": np.asarray(labels).tolist(), "model_version": m.version_label}
+        cap.offer(m, rid, X, labels, t0)
+        return {"predictions": np.asarray(labels).tolist(), "model_version": m.version_label, "request_id": rid}
+
+    def _rid() -> str:
+        rid = request.environ.get("mlpipe.request_id")
+        if rid is None:
+            rid = request.environ["mlpipe.request_id"] = request_id(request.headers.get("X-Request-Id"))
+        return rid
 
     @app.post("/v2/models/<name>/infer")
     @app.post("/v2/models/<name>/versions/<version>/infer")
     def infer(name, version=None):
+        t0, rid = time.perf_counter(), _rid()
         return json_response(infer_core(name, version, request.get_data(cache=False),
-                                        request.headers.get("Inference-Header-Content-Length")))
+                                        request.headers.get("Inference-Header-Content-Length"), rid, t0),
+                             headers={"X-Request-Id": rid})
 
     @app.post("/invocations")
     def invocations():
-        return json_response(invocations_core(request.environ.get("CONTENT_TYPE", ""), request.get_data(cache=False)))
+        t0, rid = time.perf_counter(), _rid()
+        return json_response(invocations_core(request.environ.get("CONTENT_TYPE", ""), request.get_data(cache=False),
+                                              rid, t0), headers={"X-Request-Id": rid})
+
+    @app.post("/feedback")
+    def feedback():
+        if not request.is_json and request.mimetype not in ("", "application/json"):
+            raise UnsupportedMediaType(f"POST /feedback takes application/json, got {request.mimetype}",
+                                       hint='send {"request_id": "...", "label": ...} or a list of those')
+        doc = _json(request.get_data(cache=False))
+        items = parse_feedback(doc)
+        name = (doc.get("model") if isinstance(doc, dict) else None) or model().name
+        from mlpipe.registry import check_name
+        try:
+            check_name(name)
+        except MlpipeError as exc:
+            raise _bad(str(exc)) from None
+        try:
+            result = cap.store().attach_labels(name, items, source="http")
+        except NotReady as exc:
+            raise NotReady(f"the labels were not stored: {exc.message}", hint=exc.hint) from None
+        except MlpipeError:
+            raise
+        except Exception as exc:
+            log.error("POST /feedback: the capture database failed: %s", exc)
+            raise NotReady("the capture database is unavailable; the labels were not stored",
+                           hint="send them again later, or load them with mlpipe feedback load MODEL FILE") from None
+        return json_response({"model": name, **result})
 
     @app.get("/metadata")
     def metadata():
@@ -902,7 +1134,7 @@ def create_app(config: dict | None = None):
     return app
 
 
-_FIXED_ROUTES = {"/invocations", "/ping", "/version", "/health", "/metadata", "/openapi.json", "/metrics", "/v2",
+_FIXED_ROUTES = {"/invocations", "/ping", "/version", "/health", "/metadata", "/openapi.json", "/metrics", "/v2", "/feedback",
                  "/v2/health/live", "/v2/health/ready"}
 
 
@@ -945,24 +1177,26 @@ class Edge:
                                    [("WWW-Authenticate", "Bearer")])
         elif environ.get("REQUEST_METHOD") == "POST" and environ.get("CONTENT_LENGTH") and (
                 path == "/invocations" or (path.startswith("/v2/models/") and path.endswith("/infer"))):
-            result = self._predict(environ, sr, path)
+            result = self._predict(environ, sr, path, t0)
         else:
             result = self.app(environ, sr)
         if path != "/metrics" and status_seen:
             self.mx.request(route_label(path), int(status_seen[0][:3]), time.perf_counter() - t0)
         return result
 
-    def _predict(self, environ, sr, path: str):
+    def _predict(self, environ, sr, path: str, t0: float):
+        rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
+        extra = [("X-Request-Id", rid)]
         try:
             length = int(environ["CONTENT_LENGTH"])
         except ValueError:
-            return self._respond(sr, 400, {"error": "Content-Length is not a number"})
+            return self._respond(sr, 400, {"error": "Content-Length is not a number"}, extra)
         try:
             if length > self.max_body:
                 raise PayloadTooLarge(f"request body is larger than {self.max_body} bytes; split the request")
             body = environ["wsgi.input"].read(length) if length > 0 else b""
             if path == "/invocations":
-                doc = self.cores["invocations"](environ.get("CONTENT_TYPE", ""), body)
+                doc = self.cores["invocations"](environ.get("CONTENT_TYPE", ""), body, rid, t0)
             else:
                 parts = path.split("/")  # '', v2, models, NAME, [versions, V,] infer
                 if len(parts) == 5:
@@ -971,13 +1205,14 @@ class Edge:
                     name, version = parts[3], parts[5]
                 else:
                     raise NotFound(f"no such endpoint {path}; see /openapi.json")
-                doc = self.cores["infer"](name, version, body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
-            return self._respond(sr, 200, doc)
+                doc = self.cores["infer"](name, version, body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"),
+                                          rid, t0)
+            return self._respond(sr, 200, doc, extra)
         except MlpipeError as exc:
-            return self._respond(sr, exc.http_status, {"error": str(exc)})
+            return self._respond(sr, exc.http_status, {"error": str(exc)}, extra)
         except Exception:  # a bug: log it, do not leak it
             log.exception("unexpected error on %s", path)
-            return self._respond(sr, 500, {"error": "internal error; see the server log"})
+            return self._respond(sr, 500, {"error": "internal error; see the server log"}, extra)
 
     def _respond(self, sr, status: int, doc: dict, extra: list | None = None):
         body = json.dumps(doc, default=_np_default).encode()

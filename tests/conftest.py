@@ -19,6 +19,13 @@ BIN = Path(sys.executable).parent
 
 from procs import free_port, stop, wait_port  # noqa: E402,F401  (shared with benchmarks/)
 
+# Servers, CLIs and monitors started by the tests capture predictions and write logs: never into the
+# user's ~/.mlpipe. One folder per test process (xdist workers each import this file); a test that
+# wants its own database sets MLPIPE_CAPTURE_DB itself.
+_SCRATCH = Path(__import__("tempfile").mkdtemp(prefix="mlpipe-tests-"))
+os.environ.setdefault("MLPIPE_CAPTURE_DB", f"sqlite:///{_SCRATCH}/capture.db")
+os.environ.setdefault("MLPIPE_LOG_DIR", str(_SCRATCH / "logs"))
+
 
 def which(name: str) -> str:
     path = shutil.which(name, path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin:/usr/bin")

@@ -76,9 +76,9 @@ def labels_in(url: str) -> int:
 def test_db_url(monkeypatch, tmp_path):
     monkeypatch.delenv("MLPIPE_CAPTURE_DB", raising=False)
     monkeypatch.setenv("MLPIPE_FLEET_ROOT", str(tmp_path / "root"))
-    assert capture.db_url() == f"sqlite:///{tmp_path}/root/capture.db"
+    assert capture.db_url() == f"sqlite:///{tmp_path}/root/capture/capture.db"
     monkeypatch.delenv("MLPIPE_FLEET_ROOT")
-    assert capture.db_url() == f"sqlite:///{os.path.expanduser('~')}/.mlpipe/capture.db"
+    assert capture.db_url() == f"sqlite:///{os.path.expanduser('~')}/.mlpipe/capture/capture.db"
     monkeypatch.setenv("MLPIPE_CAPTURE_DB", "postgresql://u:secret@db/x")
     assert capture.db_url() == "postgresql://u:secret@db/x"
     assert capture.db_url("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"

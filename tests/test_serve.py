@@ -587,3 +587,112 @@ def test_not_ready_says_what_to_do(fleet, tmp_path):
     assert create_app({"model_dir": str(empty)}).test_client().get("/v2/health/ready").status_code == 200
     res = run_cli("models", "pull", "credit-risk:1", "--dest", empty, "--registry", fleet["reg"])
     assert res.returncode == 0 and "not active" not in res.stdout
+
+
+# ------------------------------------------------------------------------- request ids and capture
+def _capture_app(fleet, tmp_path, **cfg):
+    from mlpipe import serve
+    app = create_app({"model_dir": str(fleet["dir"]), "capture_db": f"sqlite:///{tmp_path}/capture.db",
+                      "host": "host-a", **cfg})
+    return app.test_client(), serve.metrics().capture_source
+
+
+def test_every_prediction_answer_carries_a_request_id(client, data):
+    frame, cols = data
+    rows = frame[cols].head(2).values.tolist()
+    r = client.post("/invocations", json={"instances": rows})
+    rid = r.headers["X-Request-Id"]
+    assert r.status_code == 200 and r.json["request_id"] == rid and len(rid) >= 16
+    assert client.post("/invocations", json={"instances": rows}).headers["X-Request-Id"] != rid  # a new one each time
+    r = client.post("/invocations", json={"instances": rows}, headers={"X-Request-Id": "order-42.a:b_c"})
+    assert r.headers["X-Request-Id"] == "order-42.a:b_c" == r.json["request_id"]  # the client's own is kept
+    for hostile in ("x" * 65, "a b", "<script>", "id\u00e9"):
+        r = client.post("/invocations", json={"instances": rows}, headers={"X-Request-Id": hostile})
+        assert r.status_code == 200 and r.headers["X-Request-Id"] != hostile and r.json["request_id"] == r.headers["X-Request-Id"]
+    oip = {"inputs": [{"name": "x", "shape": [1, 30], "datatype": "FP64", "data": rows[0]}]}
+    r = client.post("/v2/models/credit-risk/infer", json=oip)
+    assert r.status_code == 200 and r.json["id"] == r.json["request_id"] == r.headers["X-Request-Id"]
+    r = client.post("/v2/models/credit-risk/infer", json={**oip, "id": "client-7"})
+    assert r.json["id"] == "client-7" and r.json["request_id"] == r.headers["X-Request-Id"]  # OIP echoes its id
+    r = client.post("/invocations", json={"instances": [[1.0] * 29]})  # refused: still has an id for the logs
+    assert r.status_code == 400 and r.headers["X-Request-Id"]
+
+
+def test_sampled_predictions_are_captured_with_inputs_and_latency(fleet, tmp_path, data):
+    from mlpipe import capture
+    frame, cols = data
+    c, cap = _capture_app(fleet, tmp_path, capture_sample=1)
+    ids = []
+    for i in range(5):
+        r = c.post("/invocations", json={"instances": frame[cols].iloc[i:i + 2].values.tolist()})
+        ids.append((r.headers["X-Request-Id"], r.json["predictions"]))
+    r = c.post("/v2/models/credit-risk/infer", json={"inputs": [{"name": f, "shape": [1], "datatype": "FP64",
+                                                                 "data": [float(frame[f].iloc[9])]} for f in cols]})
+    ids.append((r.json["request_id"], r.json["outputs"][0]["data"]))
+    cap.flush()
+    got = capture.Store(f"sqlite:///{tmp_path}/capture.db").predictions("credit-risk")
+    assert len(got) == 11
+    for rid, preds in ids:
+        mine = got[got.request_id == rid].sort_values("row")
+        assert mine.prediction.tolist() == preds and set(mine.version) == {1} and set(mine.host) == {"host-a"}
+        assert (mine.latency_ms > 0).all()
+    first = got[(got.request_id == ids[0][0]) & (got.row == 1)].iloc[0]
+    assert [first[f] for f in cols] == pytest.approx(frame[cols].iloc[1].tolist())
+    text = c.get("/metrics").data.decode()
+    assert "mlpipe_capture_rows_total" in text
+
+
+def test_capture_share_zero_records_nothing(fleet, tmp_path, data):
+    from mlpipe import capture
+    frame, cols = data
+    c, cap = _capture_app(fleet, tmp_path, capture_sample=0)
+    for _ in range(20):
+        assert c.post("/invocations", json={"instances": frame[cols].head(1).values.tolist()}).status_code == 200
+    cap.flush()
+    assert capture.Store(f"sqlite:///{tmp_path}/capture.db").count("credit-risk") == 0
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "lots", True])
+def test_bad_capture_settings_are_refused(fleet, value):
+    from mlpipe.errors import UsageError
+    with pytest.raises(UsageError, match="capture_sample"):
+        create_app({"model_dir": str(fleet["dir"]), "capture_sample": value})
+
+
+def test_feedback_route_attaches_labels(fleet, tmp_path, data):
+    from mlpipe import capture
+    frame, cols = data
+    c, cap = _capture_app(fleet, tmp_path, capture_sample=1)
+    rid = c.post("/invocations", json={"instances": frame[cols].head(2).values.tolist()}).json["request_id"]
+    cap.flush()
+    r = c.post("/feedback", json=[{"request_id": rid, "label": 1}, {"request_id": rid, "row": 1, "label": 0},
+                                  {"request_id": "never-seen", "label": 1}])
+    assert r.status_code == 200, r.json
+    assert (r.json["stored"], r.json["matched"], r.json["unmatched"]) == (3, 2, 1)
+    got = capture.Store(f"sqlite:///{tmp_path}/capture.db").predictions("credit-risk", labelled=True)
+    assert sorted(zip(got.row, got.label)) == [(0, 1), (1, 0)]
+    for body, why in [({"label": 1}, "request_id"), ({"request_id": rid}, "label"),
+                      ({"request_id": rid, "label": {"a": 1}}, "label"), ({"request_id": rid, "label": 1, "row": -1}, "row"),
+                      ({"request_id": rid, "label": 1, "colour": "red"}, "unknown key"), ([], "no labels"),
+                      ({"request_id": "a b", "label": 1}, "request_id")]:
+        r = c.post("/feedback", json=body)
+        assert r.status_code == 400 and why in r.json["error"], (body, r.json)
+
+
+def test_a_dead_capture_database_costs_rows_not_predictions(fleet, tmp_path, data):
+    """Nothing listens on the database's port: every prediction still answers 200, the rows are counted
+    as dropped, and POST /feedback says the labels were not stored (503)."""
+    from conftest import free_port
+    frame, cols = data
+    c, cap = _capture_app(fleet, tmp_path, capture_sample=1,
+                          capture_db=f"postgresql://nobody@127.0.0.1:{free_port()}/none")
+    t0 = time.perf_counter()
+    for _ in range(50):
+        assert c.post("/invocations", json={"instances": frame[cols].head(1).values.tolist()}).status_code == 200
+    assert time.perf_counter() - t0 < 30  # generous: no request waited for a connect timeout each
+    cap.flush()
+    text = c.get("/metrics").data.decode()
+    dropped = [x for x in text.splitlines() if x.startswith("mlpipe_capture_dropped_rows_total")]
+    assert dropped and sum(float(x.split()[-1]) for x in dropped) >= 50, dropped
+    r = c.post("/feedback", json={"request_id": "abc", "label": 1})
+    assert r.status_code == 503 and "not stored" in r.json["error"]
