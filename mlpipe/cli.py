@@ -510,6 +510,10 @@ from mlpipe.cli_capture import feedback, predictions  # noqa: E402
 cli.add_command(predictions)
 cli.add_command(feedback)
 
+from mlpipe.cli_monitor import monitor  # noqa: E402
+
+cli.add_command(monitor)
+
 
 def main(argv=None) -> None:
     try:
