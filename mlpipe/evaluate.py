@@ -312,6 +312,7 @@ def endpoint(url: str, model: str | None = None, expect_version: int | None = No
     """
     import requests
     session = requests.Session()
+    session.headers["X-Mlpipe-Capture"] = "off"  # a check's rows are not live traffic: keep them out of capture
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
     base = url.rstrip("/")

@@ -249,6 +249,7 @@ def source_quality(url: str, name: str, manifest: dict, source: str, names: list
 
     from mlpipe import evaluate as ev
     session = requests.Session()
+    session.headers["X-Mlpipe-Capture"] = "off"  # the monitor's own rows must not pass for live traffic
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
     base = url.rstrip("/")

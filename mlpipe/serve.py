@@ -312,7 +312,11 @@ class Capture:
                 log.error("prediction capture is off in this worker: %s", exc)
         return self._recorder
 
-    def offer(self, m: LoadedModel, rid: str, X, labels, t0: float) -> None:
+    def offer(self, m: LoadedModel, rid: str, X, labels, t0: float | None) -> None:
+        """``t0`` None: not captured (a request that says ``X-Mlpipe-Capture: off``, such as the deploy's
+        and the monitor's own checks: synthetic traffic would pass for live traffic)."""
+        if t0 is None:
+            return
         share = self.share(m)
         if share <= 0 or (share < 1 and random.random() >= share):
             return
@@ -1068,6 +1072,9 @@ def create_app(config: dict | None = None):
         cap.offer(m, rid, X, labels, t0)
         return {"predictions": np.asarray(labels).tolist(), "model_version": m.version_label, "request_id": rid}
 
+    def _t0() -> float | None:
+        return None if request.headers.get("X-Mlpipe-Capture", "").lower() == "off" else time.perf_counter()
+
     def _rid() -> str:
         rid = request.environ.get("mlpipe.request_id")
         if rid is None:
@@ -1077,14 +1084,14 @@ def create_app(config: dict | None = None):
     @app.post("/v2/models/<name>/infer")
     @app.post("/v2/models/<name>/versions/<version>/infer")
     def infer(name, version=None):
-        t0, rid = time.perf_counter(), _rid()
+        t0, rid = _t0(), _rid()
         return json_response(infer_core(name, version, request.get_data(cache=False),
                                         request.headers.get("Inference-Header-Content-Length"), rid, t0),
                              headers={"X-Request-Id": rid})
 
     @app.post("/invocations")
     def invocations():
-        t0, rid = time.perf_counter(), _rid()
+        t0, rid = _t0(), _rid()
         return json_response(invocations_core(request.environ.get("CONTENT_TYPE", ""), request.get_data(cache=False),
                                               rid, t0), headers={"X-Request-Id": rid})
 
@@ -1177,7 +1184,8 @@ class Edge:
                                    [("WWW-Authenticate", "Bearer")])
         elif environ.get("REQUEST_METHOD") == "POST" and environ.get("CONTENT_LENGTH") and (
                 path == "/invocations" or (path.startswith("/v2/models/") and path.endswith("/infer"))):
-            result = self._predict(environ, sr, path, t0)
+            result = self._predict(environ, sr, path,
+                                   None if environ.get("HTTP_X_MLPIPE_CAPTURE", "").lower() == "off" else t0)
         else:
             result = self.app(environ, sr)
         if path != "/metrics" and status_seen:

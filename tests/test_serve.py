@@ -696,3 +696,17 @@ def test_a_dead_capture_database_costs_rows_not_predictions(fleet, tmp_path, dat
     assert dropped and sum(float(x.split()[-1]) for x in dropped) >= 50, dropped
     r = c.post("/feedback", json={"request_id": "abc", "label": 1})
     assert r.status_code == 503 and "not stored" in r.json["error"]
+
+
+def test_checks_can_keep_their_rows_out_of_capture(fleet, tmp_path, data):
+    """The deploy's and the monitor's checks send X-Mlpipe-Capture: off: their holdout rows are not live traffic."""
+    from mlpipe import capture
+    frame, cols = data
+    c, cap = _capture_app(fleet, tmp_path, capture_sample=1)
+    body = {"instances": frame[cols].head(1).values.tolist()}
+    assert c.post("/invocations", json=body, headers={"X-Mlpipe-Capture": "off"}).status_code == 200
+    oip = {"inputs": [{"name": "x", "shape": [1, 30], "datatype": "FP64", "data": body["instances"][0]}]}
+    assert c.post("/v2/models/credit-risk/infer", json=oip, headers={"X-Mlpipe-Capture": "OFF"}).status_code == 200
+    rid = c.post("/invocations", json=body).json["request_id"]
+    cap.flush()
+    assert capture.Store(f"sqlite:///{tmp_path}/capture.db").predictions("credit-risk").request_id.tolist() == [rid]
