@@ -45,7 +45,7 @@ log = logging.getLogger("mlpipe.serve")
 
 DEFAULTS = {"model_dir": "", "bind": "127.0.0.1:8000", "workers": 2, "auth_tokens": [], "max_rows": 10000,
             "max_body_bytes": 10 * 1024 * 1024, "require_onnx": False, "timeout": 30,
-            "capture_db": "", "capture_sample": None, "capture_max_age": "30d", "capture_max_rows": 1_000_000,
+            "capture_db": "", "capture_sample": None, "capture_max_age": None, "capture_max_rows": None,
             "host": ""}
 ENV = {"model_dir": "MLPIPE_MODEL_DIR", "bind": "MLPIPE_BIND", "workers": "MLPIPE_WORKERS",
        "auth_tokens": "MLPIPE_AUTH_TOKENS", "max_rows": "MLPIPE_MAX_ROWS", "max_body_bytes": "MLPIPE_MAX_BODY_BYTES",
@@ -53,6 +53,7 @@ ENV = {"model_dir": "MLPIPE_MODEL_DIR", "bind": "MLPIPE_BIND", "workers": "MLPIP
        "capture_sample": "MLPIPE_CAPTURE_SAMPLE", "capture_max_age": "MLPIPE_CAPTURE_MAX_AGE",
        "capture_max_rows": "MLPIPE_CAPTURE_MAX_ROWS", "host": "MLPIPE_HOST"}
 DEFAULT_CAPTURE_SAMPLE = 0.1   # when neither the server nor the served version's spec (capture.sample) says
+DEFAULT_CAPTURE_RETENTION = {"max_age": 30 * 86400, "max_rows": 1_000_000}   # the same, for capture.max_age/max_rows
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 LAST_GOOD = ".last-good"
 _NUMERIC_OIP = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"}
@@ -83,6 +84,8 @@ def _coerce(key: str, value: Any) -> Any:
             raise UsageError(f"serve setting 'capture_sample' must be a share between 0 and 1, got {value!r}",
                              hint="0 turns capture off, 0.1 records one request in ten, 1 records every request")
         return share
+    if key in ("capture_max_age", "capture_max_rows") and value in (None, ""):
+        return None  # the served version's spec (capture.max_age / max_rows), else 30d / 1,000,000
     if key == "capture_max_age":
         from mlpipe.spec import parse_duration
         from mlpipe.errors import SpecError
@@ -301,12 +304,27 @@ class Capture:
             return float(s)
         return DEFAULT_CAPTURE_SAMPLE
 
-    def recorder(self):
+    def retention(self, m: LoadedModel) -> tuple[int, int]:
+        """(max age in seconds, max rows per model): the host's settings, else the served version's spec."""
+        from mlpipe.spec import parse_duration
+        spec = (m.manifest.get("spec") or {}).get("capture") or {}
+        age, rows = self.max_age, self.max_rows
+        if age is None:
+            try:
+                age = parse_duration(spec.get("max_age"), "capture.max_age") if spec.get("max_age") else None
+            except MlpipeError:
+                age = None
+        if rows is None and isinstance(spec.get("max_rows"), int) and spec["max_rows"] > 0:
+            rows = spec["max_rows"]
+        return (age or DEFAULT_CAPTURE_RETENTION["max_age"], rows or DEFAULT_CAPTURE_RETENTION["max_rows"])
+
+    def recorder(self, m: LoadedModel):
         if self._recorder is None and not self._broken:
             try:
                 from mlpipe import capture
+                age, rows = self.retention(m)
                 self._recorder = capture.Recorder(capture.db_url(self.url), host=self.host,
-                                                  max_age_seconds=self.max_age, max_rows=self.max_rows)
+                                                  max_age_seconds=age, max_rows=rows)
             except Exception as exc:  # a capture bug must never cost a prediction
                 self._broken = True
                 log.error("prediction capture is off in this worker: %s", exc)
@@ -320,7 +338,7 @@ class Capture:
         share = self.share(m)
         if share <= 0 or (share < 1 and random.random() >= share):
             return
-        rec = self.recorder()
+        rec = self.recorder(m)
         if rec is None:
             return
         try:
