@@ -57,7 +57,8 @@ demo: deps venv
 	$(BIN)/mlpipe models promote credit-risk:2 --alias production --reason "demo: beats v1"; \
 	echo; echo '$$ mlpipe models list'; $(BIN)/mlpipe models list; \
 	echo; echo '$$ mlpipe models show credit-risk@production'; $(BIN)/mlpipe models show credit-risk@production; \
-	echo; echo '$$ ansible-playbook playbooks/site.yml'; $(BIN)/ansible-playbook playbooks/site.yml | tail -8; \
+	echo; echo '$$ ansible-playbook playbooks/site.yml -e model_server_capture_sample=1   # record every request (the spec says 0.1)'; \
+	$(BIN)/ansible-playbook playbooks/site.yml -e model_server_capture_sample=1 | tail -8; \
 	echo; echo '$$ ansible-playbook playbooks/deploy.yml -e model=credit-risk -e version=@production'; \
 	$(BIN)/ansible-playbook playbooks/deploy.yml -e model=credit-risk -e version=@production | tail -6; \
 	echo; echo '$$ mlpipe evaluate --endpoint http://127.0.0.11:8000 --model credit-risk --expect-version 2 --min accuracy=0.85   # on its stored holdout'; \
@@ -67,6 +68,15 @@ demo: deps venv
 	echo; echo '$$ mlpipe retrain examples/credit-risk.yml --force --dry-run   # exit 10: would be promoted'; \
 	$(BIN)/mlpipe retrain examples/credit-risk.yml --force --dry-run || test $$? = 10; \
 	echo; echo '$$ mlpipe models history credit-risk'; $(BIN)/mlpipe models history credit-risk; \
+	echo; echo '$$ python examples/send_traffic.py http://127.0.0.10:8080 --rows 300 --labels $(DEMO)/labels.csv'; \
+	$(BIN)/python examples/send_traffic.py http://127.0.0.10:8080 --rows 300 --labels $(DEMO)/labels.csv; \
+	echo; echo '$$ mlpipe predictions list credit-risk --since 1h --limit 5   # what the servers captured'; \
+	$(BIN)/mlpipe predictions list credit-risk --since 1h --limit 5; \
+	echo; echo '$$ mlpipe feedback load credit-risk $(DEMO)/labels.csv   # the true outcomes, by request id'; \
+	$(BIN)/mlpipe feedback load credit-risk $(DEMO)/labels.csv; \
+	echo; echo '$$ mlpipe monitor examples/credit-risk.yml --endpoint http://127.0.0.11:8000 --endpoint http://127.0.0.12:8000 --endpoint http://127.0.0.13:8000'; \
+	$(BIN)/mlpipe monitor examples/credit-risk.yml --endpoint http://127.0.0.11:8000 --endpoint http://127.0.0.12:8000 \
+	  --endpoint http://127.0.0.13:8000 || echo "(exit $$?: an alert is firing; see docs/runbooks/alert-fired.md)"; \
 	body=$$($(BIN)/python -c 'import json; from sklearn.datasets import load_breast_cancer as l; f=l(as_frame=True).frame; c=[x for x in f.columns if x!="target"]; print(json.dumps({"dataframe_split": {"columns": c, "data": f[c].head(2).values.tolist()}}))'); \
 	echo; echo "The fleet is up: three hosts behind HAProxy. Try:"; \
 	echo "  curl -s http://127.0.0.10:8080/invocations -H 'Content-Type: application/json' -d '$$body'"; \
