@@ -46,9 +46,9 @@ def worker_exit(server, worker):
     can block forever in a forked process (seen: pthread_cond_destroy at exit), which would hold a
     graceful reload until the worker timeout."""
     import sys
-    from mlpipe import serve
-    if serve._METRICS is not None and serve._METRICS.capture_source is not None:
-        serve._METRICS.capture_source.close(timeout=2.0)  # captured rows still queued
+    from mlpipe.serve import prometheus
+    if prometheus._METRICS is not None and prometheus._METRICS.capture_source is not None:
+        prometheus._METRICS.capture_source.close(timeout=2.0)  # captured rows still queued
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

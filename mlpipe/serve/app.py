@@ -1,0 +1,208 @@
+"""``create_app``: the Flask app of one worker (its model slot, capture, error answers and views), its
+routes registered from ``routes.ROUTES``, behind the ``Edge``."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mlpipe import __version__, hostdir
+from mlpipe.errors import MlpipeError, NotFound, NotReady, Unauthorized, UnsupportedMediaType
+from mlpipe.serve.config import load_config
+from mlpipe.serve.edge import Edge, np_default
+from mlpipe.serve.invocations import parse_invocations
+from mlpipe.serve.model import LoadedModel, ModelSlot
+from mlpipe.serve.oip import parse_infer
+from mlpipe.serve.openapi import openapi
+from mlpipe.serve.prometheus import metrics, render_metrics
+from mlpipe.serve.recording import Capture, parse_feedback, request_id
+from mlpipe.serve.routes import ROUTES
+from mlpipe.serve.validation import bad, parse_json
+
+log = logging.getLogger("mlpipe.serve")
+
+
+def create_app(config: dict | None = None):
+    from flask import Flask, Response, request
+    from werkzeug.exceptions import HTTPException
+
+    cfg = load_config(config)
+    app = Flask("mlpipe")
+    app.config["MAX_CONTENT_LENGTH"] = cfg["max_body_bytes"]
+    slot = ModelSlot(Path(cfg["model_dir"]), cfg["require_onnx"])
+    slot.load()
+    app.extensions["mlpipe"] = slot
+    tokens = [t.encode() for t in cfg["auth_tokens"]]
+    max_rows = cfg["max_rows"]
+    mx = metrics()
+    cap = Capture(cfg)
+    mx.capture_source = cap
+
+    def model() -> LoadedModel:
+        if slot.model is None:
+            raise NotReady(f"no model is loaded: {slot.error}",
+                           hint=None if hostdir.current(slot.model_dir) is None else
+                           "every candidate version was refused (above): pull and activate a good version, then reload")
+        return slot.model
+
+    def json_response(obj, status=200, headers=None):
+        resp = Response(json.dumps(obj, default=np_default), status=status, mimetype="application/json")
+        if headers:
+            resp.headers.update(headers)
+        if slot.model is not None:
+            resp.headers["X-Model-Version"] = slot.model.version_label
+        return resp
+
+    @app.errorhandler(MlpipeError)
+    def _mlpipe_error(exc: MlpipeError):
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
+        if "mlpipe.request_id" in request.environ:
+            headers["X-Request-Id"] = request.environ["mlpipe.request_id"]
+        return json_response({"error": str(exc)}, exc.http_status, headers)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        msg = {413: f"request body is larger than {cfg['max_body_bytes']} bytes; split the request",
+               404: f"no such endpoint {request.path}; see /openapi.json",
+               405: f"method {request.method} is not allowed on {request.path}"}.get(exc.code, exc.description)
+        return json_response({"error": msg}, exc.code)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):  # a bug: log it, do not leak it
+        log.exception("unexpected error on %s", request.path)
+        return json_response({"error": "internal error; see the server log"}, 500)
+
+    # --- health and server metadata
+    def live():
+        return json_response({"live": True})
+
+    def ready():
+        if slot.model is None:
+            return json_response({"ready": False, "error": slot.error}, 503)
+        return json_response({"ready": True, "model": slot.model.name, "version": slot.model.version})
+
+    def ping():
+        return ("\n", 200) if slot.model is not None else json_response({"error": slot.error}, 503)
+
+    def version():
+        return Response(__version__, mimetype="text/plain")
+
+    def server_meta():
+        return json_response({"name": "mlpipe", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    def _model_for(name: str, version: str | None = None) -> LoadedModel:
+        m = model()
+        if name != m.name:
+            raise NotFound(f"unknown model '{name}'", hint=f"this server serves '{m.name}'")
+        if version is not None and version != m.version_label:
+            raise NotFound(f"model '{name}' version {version} is not served here", hint=f"this server serves version {m.version}")
+        return m
+
+    def model_meta(name, version=None):
+        m = _model_for(name, version)
+        outputs = [{"name": "predict", "datatype": m.target_datatype, "shape": [-1]}]
+        if m.kind == "classification":
+            outputs.append({"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(m.classes)]})
+        return json_response({"name": m.name, "versions": [m.version_label],
+                              "platform": "onnxruntime_onnx" if m.runtime == "onnxruntime" else "sklearn",
+                              "inputs": [{"name": f, "datatype": d, "shape": [-1]} for f, d in zip(m.features, m.datatypes)],
+                              "outputs": outputs,
+                              "parameters": {"classes": m.classes, "kind": m.kind}})
+
+    def model_ready(name, version=None):
+        m = _model_for(name, version)
+        return json_response({"name": m.name, "ready": True})
+
+    # the prediction routes' handlers, called by the Edge (and by Flask for a body without Content-Length)
+    def infer_core(environ, body: bytes, rid: str, t0: float | None, name: str, version: str | None = None) -> dict:
+        m = _model_for(name, version)
+        X, outputs, oip_id = parse_infer(m, body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"), max_rows)
+        want_proba = outputs is not None and "predict_proba" in outputs
+        labels, probs = m.predict(X, proba=want_proba)
+        mx.predictions(m, labels)
+        cap.offer(m, rid, X, labels, t0)
+        out = []
+        if outputs is None or "predict" in outputs:
+            labels_list = np.asarray(labels).tolist()
+            out.append({"name": "predict", "datatype": m.target_datatype if m.kind == "classification" else "FP64",
+                        "shape": [len(labels_list)], "data": labels_list})
+        if want_proba and probs is not None:
+            p = np.asarray(probs, dtype=np.float64)
+            out.append({"name": "predict_proba", "datatype": "FP64", "shape": list(p.shape), "data": p.ravel().tolist()})
+        # OIP's own "id" echoes the client's; request_id is what POST /feedback takes
+        return {"model_name": m.name, "model_version": m.version_label, "id": rid if oip_id is None else oip_id,
+                "request_id": rid, "outputs": out}
+
+    def invocations_core(environ, body: bytes, rid: str, t0: float | None) -> dict:
+        m = model()
+        X = parse_invocations(m, environ.get("CONTENT_TYPE", ""), body, max_rows)
+        labels, _ = m.predict(X)
+        mx.predictions(m, labels)
+        cap.offer(m, rid, X, labels, t0)
+        return {"predictions": np.asarray(labels).tolist(), "model_version": m.version_label, "request_id": rid}
+
+    def _t0() -> float | None:
+        return None if request.headers.get("X-Mlpipe-Capture", "").lower() == "off" else time.perf_counter()
+
+    def _rid() -> str:
+        rid = request.environ.get("mlpipe.request_id")
+        if rid is None:
+            rid = request.environ["mlpipe.request_id"] = request_id(request.headers.get("X-Request-Id"))
+        return rid
+
+    def via_flask(handler):
+        def view(**params):
+            t0, rid = _t0(), _rid()
+            return json_response(handler(request.environ, request.get_data(cache=False), rid, t0, **params),
+                                 headers={"X-Request-Id": rid})
+        return view
+
+    def feedback():
+        if not request.is_json and request.mimetype not in ("", "application/json"):
+            raise UnsupportedMediaType(f"POST /feedback takes application/json, got {request.mimetype}",
+                                       hint='send {"request_id": "...", "label": ...} or a list of those')
+        doc = parse_json(request.get_data(cache=False))
+        items = parse_feedback(doc)
+        name = (doc.get("model") if isinstance(doc, dict) else None) or model().name
+        from mlpipe.registry import check_name
+        try:
+            check_name(name)
+        except MlpipeError as exc:
+            raise bad(str(exc)) from None
+        try:
+            result = cap.store().attach_labels(name, items, source="http")
+        except NotReady as exc:
+            raise NotReady(f"the labels were not stored: {exc.message}", hint=exc.hint) from None
+        except MlpipeError:
+            raise
+        except Exception as exc:
+            log.error("POST /feedback: the capture database failed: %s", exc)
+            raise NotReady("the capture database is unavailable; the labels were not stored",
+                           hint="send them again later, or load them with mlpipe feedback load MODEL FILE") from None
+        return json_response({"model": name, **result})
+
+    def metadata():
+        m = model()
+        man = {k: v for k, v in m.manifest.items() if k != "spec"}
+        return json_response({**man, "runtime": m.runtime, "model_dir": str(slot.model_dir),
+                              "loaded_at": m.loaded_at, "load_error": slot.error, "pid": os.getpid()})
+
+    def openapi_doc():
+        return json_response(openapi(slot.model))
+
+    def prom():
+        data, ctype = render_metrics()
+        return Response(data, mimetype=ctype.split(";")[0], headers={"Content-Type": ctype})
+
+    handlers = {"invocations": invocations_core, "infer": infer_core}
+    views = {f.__name__: f for f in (live, ready, ping, version, server_meta, model_meta, model_ready, feedback,
+                                     metadata, openapi_doc, prom)}
+    views.update({name: via_flask(h) for name, h in handlers.items()})
+    for r in ROUTES:
+        app.add_url_rule(r.rule, r.view, views[r.view], methods=list(r.methods))
+    app.wsgi_app = Edge(app.wsgi_app, tokens, mx, slot, cfg["max_body_bytes"], handlers)
+    return app

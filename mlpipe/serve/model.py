@@ -1,0 +1,155 @@
+"""What a worker serves: ``LoadedModel`` (one verified, loaded and warmed version, onnxruntime or
+scikit-learn) and ``ModelSlot`` (which version: ``current``, else ``.last-good``, else ``previous``)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlpipe import artifact, hostdir
+from mlpipe.errors import IntegrityError, MlpipeError
+from mlpipe.serve.prometheus import metrics
+
+log = logging.getLogger("mlpipe.serve")
+
+LAST_GOOD = ".last-good"
+# the signature's datatypes (Open Inference Protocol names) and the numpy types they arrive as
+NUMERIC_OIP = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"}
+OIP_NP = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+          "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+          "FP32": np.float32, "FP64": np.float64}
+
+
+@dataclass
+class LoadedModel:
+    manifest: dict
+    runtime: str                     # "onnxruntime" or "sklearn"
+    path: Path
+    loaded_at: float = field(default_factory=time.time)
+    _model: Any = None
+    _sess: Any = None
+    _input_name: str = ""
+    _input_dtype: Any = np.float64
+    _outputs: list = field(default_factory=list)
+    _run: Any = None
+
+    def __post_init__(self):
+        sig = self.manifest["signature"]
+        self.name = self.manifest["name"]
+        self.version = int(self.manifest["version"])
+        self.features = [i["name"] for i in sig["inputs"]]
+        self.datatypes = [i["datatype"] for i in sig["inputs"]]
+        self.index = {n: i for i, n in enumerate(self.features)}
+        self.numeric = all(d in NUMERIC_OIP for d in self.datatypes)
+        self.allow_nan = bool(sig.get("allow_nan"))
+        self.kind = sig["target"]["kind"]
+        self.classes = sig["target"].get("classes") or []
+        self.target_datatype = artifact.oip_datatype(sig["target"]["dtype"]) if self.kind == "classification" else "FP64"
+        self.version_label = str(self.version)
+        spec_capture = (self.manifest.get("spec") or {}).get("capture") or {}
+        self.spec_sample = spec_capture.get("sample") if isinstance(spec_capture, dict) else None
+
+    @classmethod
+    def load(cls, path: Path, require_onnx: bool = False) -> "LoadedModel":
+        manifest = artifact.read_manifest(path)
+        files = manifest.get("files", {})
+        if artifact.ONNX_FILE in files:
+            artifact.verify_dir(path, manifest, only=[artifact.ONNX_FILE])
+            from mlpipe import onnx
+            m = cls(manifest, "onnxruntime", path)
+            m._sess = onnx.session((path / artifact.ONNX_FILE).read_bytes())
+            inp = m._sess.get_inputs()[0]
+            m._input_name = inp.name
+            m._input_dtype = np.float32 if inp.type == "tensor(float)" else np.float64
+            m._outputs = [o.name for o in m._sess.get_outputs()]
+            m._run = m._sess._sess.run if hasattr(m._sess, "_sess") else None  # skips per-call Python checks
+            m.allow_nan = False  # the ONNX agreement check covered finite inputs only
+            skew = artifact.sklearn_skew(manifest)
+            if skew:
+                log.info("version %s at %s was trained with scikit-learn %s (this host has %s); served through "
+                         "ONNX Runtime, which does not depend on scikit-learn", manifest.get("version"), path, *skew)
+        elif require_onnx:
+            raise IntegrityError(f"version {manifest.get('version')} at {path} has no model.onnx and this server "
+                                 "refuses to unpickle (require_onnx)", hint="register a model skl2onnx can convert, or turn require_onnx off")
+        else:
+            model, manifest = artifact.load_model(path, manifest)  # refuses a scikit-learn major.minor skew
+            m = cls(manifest, "sklearn", path)
+            m._model = model
+        m.warm()
+        return m
+
+    def warm(self) -> None:
+        if self.numeric:
+            self.predict(np.zeros((1, len(self.features))), proba=self.kind == "classification")
+
+    def predict(self, X, proba: bool = False):
+        """X: float matrix (numeric models) or DataFrame. Returns (labels, probabilities or None)."""
+        if self._sess is not None:
+            feed = {self._input_name: np.ascontiguousarray(X, dtype=self._input_dtype)}
+            outs = self._run(self._outputs, feed, None) if self._run else self._sess.run(None, feed)
+            labels = outs[0].ravel() if self.kind == "regression" or outs[0].ndim > 1 else outs[0]
+            return labels, (outs[1] if proba and len(outs) > 1 else None)
+        if self.numeric and isinstance(X, np.ndarray):
+            import pandas as pd
+            X = pd.DataFrame(X, columns=self.features)
+        labels = self._model.predict(X)
+        probs = self._model.predict_proba(X) if proba and hasattr(self._model, "predict_proba") else None
+        return labels, probs
+
+
+class ModelSlot:
+    """What one worker serves, and why it serves it."""
+
+    def __init__(self, model_dir: Path, require_onnx: bool):
+        self.model_dir = Path(model_dir)
+        self.require_onnx = require_onnx
+        self.model: LoadedModel | None = None
+        self.error: str | None = None
+
+    def _candidates(self) -> list[int]:
+        out = []
+        for v in (hostdir.current(self.model_dir), self._last_good(), hostdir.previous(self.model_dir)):
+            if v is not None and v not in out:
+                out.append(v)
+        return out
+
+    def _last_good(self) -> int | None:
+        try:
+            return int((self.model_dir / LAST_GOOD).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _mark_good(self, version: int) -> None:
+        try:
+            tmp = self.model_dir / f".last-good.{os.getpid()}"
+            tmp.write_text(str(version))
+            os.replace(tmp, self.model_dir / LAST_GOOD)
+        except OSError:
+            pass
+
+    def load(self) -> None:
+        wanted = hostdir.current(self.model_dir)
+        errors = []
+        for version in self._candidates():
+            try:
+                self.model = LoadedModel.load(self.model_dir / str(version), self.require_onnx)
+            except (MlpipeError, OSError, ValueError, KeyError) as exc:
+                errors.append(f"v{version}: {exc}")
+                metrics().load_failures.labels(version=str(version)).inc()
+                log.error("refusing model v%s in %s: %s", version, self.model_dir, exc)
+                continue
+            self.error = "; ".join(errors) or None
+            if version == wanted:
+                self._mark_good(version)
+            log.info("serving %s v%s (%s)%s", self.model.name, version, self.model.runtime,
+                     "" if version == wanted else f" instead of current v{wanted}")
+            break
+        else:
+            self.model = None
+            self.error = "; ".join(errors) or hostdir.nothing_active(self.model_dir)
+        metrics().set_model(self.model)

@@ -1,0 +1,154 @@
+"""Request ids, this worker's sampled prediction capture (``Capture``, handing rows to
+``mlpipe.capture``'s background recorder) and the body of ``POST /feedback``."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import socket
+import time
+from typing import Any
+
+from mlpipe.errors import MlpipeError, PayloadTooLarge
+from mlpipe.serve.model import LoadedModel
+from mlpipe.serve.prometheus import metrics
+from mlpipe.serve.validation import bad
+
+log = logging.getLogger("mlpipe.serve")
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+DEFAULT_CAPTURE_SAMPLE = 0.1   # when neither the server nor the served version's spec (capture.sample) says
+DEFAULT_CAPTURE_RETENTION = {"max_age": 30 * 86400, "max_rows": 1_000_000}   # the same, for capture.max_age/max_rows
+
+
+def request_id(given: str | None) -> str:
+    """The client's own id when it is a sane one (X-Request-Id), else a new random one."""
+    if given and REQUEST_ID_RE.match(given):
+        return given
+    return os.urandom(12).hex()
+
+
+class Capture:
+    """This worker's sampled prediction capture: decides per request whether to record it and hands
+    what to record to a ``mlpipe.capture.Recorder`` (bounded queue, background writer). Nothing here
+    waits on the database or raises into the request."""
+
+    def __init__(self, cfg: dict):
+        self.url = cfg["capture_db"] or None
+        self.fixed = cfg["capture_sample"]
+        self.host = cfg["host"] or socket.gethostname()
+        self.max_age, self.max_rows = cfg["capture_max_age"], cfg["capture_max_rows"]
+        self._recorder = None
+        self._store = None
+        self._broken = False
+
+    def share(self, m: LoadedModel) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        s = m.spec_sample
+        if isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 1:
+            return float(s)
+        return DEFAULT_CAPTURE_SAMPLE
+
+    def retention(self, m: LoadedModel) -> tuple[int, int]:
+        """(max age in seconds, max rows per model): the host's settings, else the served version's spec."""
+        from mlpipe.spec import parse_duration
+        spec = (m.manifest.get("spec") or {}).get("capture") or {}
+        age, rows = self.max_age, self.max_rows
+        if age is None:
+            try:
+                age = parse_duration(spec.get("max_age"), "capture.max_age") if spec.get("max_age") else None
+            except MlpipeError:
+                age = None
+        if rows is None and isinstance(spec.get("max_rows"), int) and spec["max_rows"] > 0:
+            rows = spec["max_rows"]
+        return (age or DEFAULT_CAPTURE_RETENTION["max_age"], rows or DEFAULT_CAPTURE_RETENTION["max_rows"])
+
+    def recorder(self, m: LoadedModel):
+        if self._recorder is None and not self._broken:
+            try:
+                from mlpipe import capture
+                age, rows = self.retention(m)
+                self._recorder = capture.Recorder(capture.db_url(self.url), host=self.host,
+                                                  max_age_seconds=age, max_rows=rows)
+            except Exception as exc:  # a capture bug must never cost a prediction
+                self._broken = True
+                log.error("prediction capture is off in this worker: %s", exc)
+        return self._recorder
+
+    def offer(self, m: LoadedModel, rid: str, X, labels, t0: float | None) -> None:
+        """``t0`` None: not captured (a request that says ``X-Mlpipe-Capture: off``, such as the deploy's
+        and the monitor's own checks: synthetic traffic would pass for live traffic)."""
+        if t0 is None:
+            return
+        share = self.share(m)
+        if share <= 0 or (share < 1 and random.random() >= share):
+            return
+        rec = self.recorder(m)
+        if rec is None:
+            return
+        try:
+            rec.offer(m.name, m.version, rid, m.features, X, labels, (time.perf_counter() - t0) * 1000.0)
+        except Exception as exc:  # documented never to raise; belt and braces on the request path
+            log.error("prediction capture failed: %s", exc)
+
+    def stats(self) -> dict | None:
+        return self._recorder.stats() if self._recorder is not None else None
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until what is queued was written or dropped (tests, benchmarks)."""
+        if self._recorder is not None:
+            self._recorder.flush(timeout)
+        metrics().flush()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued (at most ``timeout`` seconds): a worker that stops loses no captured row
+        the database would take."""
+        if self._recorder is not None:
+            try:
+                self._recorder.close(timeout=timeout)
+            except Exception as exc:
+                log.error("prediction capture: rows still queued at exit were lost: %s", exc)
+
+    def store(self):
+        if self._store is None:
+            from mlpipe import capture
+            self._store = capture.Store(capture.db_url(self.url))
+        return self._store
+
+
+_FEEDBACK_MAX = 10000
+
+
+def parse_feedback(doc) -> list[tuple[str, int, Any]]:
+    """``{"request_id": ..., "label": ..., "row": 0}`` or a list of them -> [(request_id, row, label)]."""
+    items = doc if isinstance(doc, list) else [doc]
+    if not items:
+        raise bad("no labels in the body", hint='send {"request_id": "...", "label": ...} or a list of those')
+    if len(items) > _FEEDBACK_MAX:
+        raise PayloadTooLarge(f"{len(items)} labels is more than one request takes ({_FEEDBACK_MAX})",
+                              hint="split them, or load a file with mlpipe feedback load MODEL FILE")
+    out = []
+    for i, it in enumerate(items):
+        where = f"item {i}" if isinstance(doc, list) else "the body"
+        if not isinstance(it, dict):
+            raise bad(f"{where} is {type(it).__name__}, expected an object",
+                      hint='e.g. {"request_id": "5f3a...", "label": 1}')
+        unknown = set(it) - {"request_id", "label", "row", "model"}
+        if unknown:
+            raise bad(f"{where} has unknown key(s) {', '.join(sorted(unknown))}",
+                      hint="keys: request_id, label, row (optional, default 0)")
+        rid, label, row = it.get("request_id"), it.get("label"), it.get("row", 0)
+        if not isinstance(rid, str) or not REQUEST_ID_RE.match(rid):
+            raise bad(f"{where}: request_id must be the id a prediction answered with (X-Request-Id), got "
+                      f"{json.dumps(rid)[:70]}")
+        if label is None or not isinstance(label, (str, int, float, bool)) or (
+                isinstance(label, float) and not math.isfinite(label)):
+            raise bad(f"{where}: label must be a string or a finite number, got {json.dumps(label)[:70]}")
+        if isinstance(row, bool) or not isinstance(row, int) or row < 0:
+            raise bad(f"{where}: row must be a non-negative integer (the row of a multi-row request), got {row!r}")
+        out.append((rid, row, label))
+    return out
