@@ -144,8 +144,38 @@ def _predictions(uri: str) -> pd.DataFrame:
     if q["target"] in out.columns:
         raise DataError(f"predictions source {uri!r}: target {q['target']!r} is also a feature of {q['model']}",
                         hint="name another column for the label, e.g. target=true_label")
-    out[q["target"]] = frame["label"].to_numpy()
+    out[q["target"]] = _labels(frame, uri)
     return out.reset_index(drop=True)
+
+
+def _labels(frame: pd.DataFrame, uri: str):
+    """Fed-back labels as one column type: numbers (int when all are whole) or strings. Labels arrive
+    from many clients; a mix (a "yes" among 0/1) would fail deep in scikit-learn, so it is refused here,
+    naming the request ids to correct."""
+    import numbers
+
+    import numpy as np
+    labels = frame["label"].to_numpy(dtype=object)
+    present = [v for v in labels if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    if not present:
+        return labels
+    is_num = np.array([isinstance(v, numbers.Number) and not isinstance(v, bool) for v in labels])
+    is_str = np.array([isinstance(v, str) for v in labels])
+    if is_num.any() and is_str.any():
+        minority = is_str if is_str.sum() <= is_num.sum() else is_num
+        ids = frame["request_id"].to_numpy()[minority][:5].tolist()
+        kind = "text" if minority is is_str else "numeric"
+        raise DataError(f"{uri}: the fed-back labels mix numbers and text ({int(minority.sum())} {kind} label(s), "
+                        f"e.g. request ids {', '.join(map(str, ids))})",
+                        hint="send the right label for those requests again (a later label replaces an earlier one: "
+                             "mlpipe feedback load MODEL FILE or POST /feedback)")
+    if is_num.any():
+        values = pd.to_numeric(pd.Series(labels), errors="coerce")
+        whole = values.dropna()
+        if len(whole) == len(values) and (whole == np.round(whole)).all():
+            return values.astype("int64").to_numpy()
+        return values.to_numpy()
+    return labels
 
 
 def resolve_relative(uri: str, base: Path) -> str:

@@ -39,6 +39,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -375,9 +376,29 @@ def send(webhook: str, payload: dict, timeout: float = 5, retries: int = 3,
     error, attempts = None, 0
     for attempt in range(retries + 1):
         attempts += 1
-        left = deadline - time.monotonic()
+        left = max(deadline - time.monotonic(), 0.1)
+        # requests' timeout is per socket read: a receiver that trickles a byte at a time would hold
+        # the run (and, under flock, every later cron run) for ever. The POST runs in a daemon thread
+        # that gets the time left, no more.
+        box: dict = {}
+
+        def post(_box=box, _t=max(min(timeout, left), 0.1)):
+            try:
+                _box["r"] = requests.post(webhook, json=payload, timeout=_t)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                _box["exc"] = exc
+        t = threading.Thread(target=post, name="mlpipe-webhook", daemon=True)
+        t.start()
+        t.join(min(timeout, left) + 1.0)
+        if t.is_alive():
+            error = f"no complete answer within {min(timeout, left):.0f} s"
+            if time.monotonic() + NOTIFY_BACKOFF * 2 ** attempt >= deadline:
+                break
+            continue
         try:
-            r = requests.post(webhook, json=payload, timeout=max(min(timeout, left), 0.1))
+            if "exc" in box:
+                raise box["exc"]
+            r = box["r"]
             if 200 <= r.status_code < 300:
                 return {"ok": True, "attempts": attempts, "status": r.status_code}
             error = f"HTTP {r.status_code}"
@@ -427,8 +448,17 @@ def start_retrain(spec: Spec, reg, wait: bool, why: str, log: Callable[[str], No
     if redis_url:
         env["MLPIPE_CACHE"] = redis_url
     folder = log_dir()
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"retrain-{spec.name}.log"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return _start_retrain(cmd, env, path, wait, why, log)
+    except OSError as exc:
+        return {"started": False, "log": str(path),
+                "blocked": f"not started: cannot write its log {path} ({exc.strerror or exc}); set {LOG_DIR_ENV} "
+                           f"(retrain_cron_log_dir) to a folder this user can write"}
+
+
+def _start_retrain(cmd: list, env: dict, path: Path, wait: bool, why: str, log: Callable[[str], None]) -> dict:
     with open(path, "ab") as f:
         f.write(f"--- {_iso(time.time())} mlpipe monitor: {why} -> {' '.join(cmd[1:])}\n".encode())
         f.flush()
@@ -521,11 +551,79 @@ def _window_frame(store, name: str, version: int, since: float, until: float):
     return store.predictions(name, since=since, until=until, version=version)
 
 
+LOCK_FILE = "monitor/LOCK"
+LOCK_STALE_SECONDS = 1800   # a monitor run takes seconds to minutes: a lock this old is a dead run's
+
+
+def _lock(reg, name: str, run_id: str) -> None:
+    """One monitor run per model across every trainer (cron's flock covers one host only): two at
+    once would both notify every alert. A lock whose process is gone on this host, or older than
+    LOCK_STALE_SECONDS, is taken over."""
+
+    from mlpipe import retrain as rt
+    from mlpipe.errors import Locked
+    from mlpipe.registry import Conflict
+    key = f"{name}/{LOCK_FILE}"
+    body = json.dumps({"run": run_id, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
+    for attempt in (1, 2):
+        try:
+            reg.store.put(key, body, exclusive=True)
+            return
+        except Conflict:
+            pass
+        try:
+            held = reg.store.get_json(key)
+        except KeyError:
+            continue  # released in between
+        dead = held.get("host") == socket.gethostname() and not rt._pid_alive(held.get("pid"))
+        if attempt == 2 or not (dead or time.time() - float(held.get("since") or 0) > LOCK_STALE_SECONDS):
+            raise Locked(f"another mlpipe monitor of {name} is running (pid {held.get('pid', '?')} on "
+                         f"{held.get('host', '?')} since {_hm(float(held.get('since') or 0))} UTC)",
+                         hint="it evaluates and notifies the same alerts; this run would notify them twice. "
+                              f"A lock older than {LOCK_STALE_SECONDS // 60} minutes is taken over")
+        reg.store.delete(key)
+
+
+def _unlock(reg, name: str, run_id: str) -> None:
+    try:
+        if reg.store.get_json(f"{name}/{LOCK_FILE}").get("run") == run_id:
+            reg.store.delete(f"{name}/{LOCK_FILE}")
+    except (KeyError, MlpipeError):
+        pass
+
+
 def run(spec: Spec, reg, store=None, endpoints: list[str] | None = None, *, textfile: str | None = None,
         wait: bool = False, token: str | None = None, timeout: float = 10.0, now: float | None = None,
         log: Callable[[str], None] = print) -> dict:
     """Measure, evaluate the spec's alerts, notify, maybe start a retrain. Returns the report (its
-    ``summary`` is what the CLI prints, ``exit_code`` 0 healthy or 14 firing)."""
+    ``summary`` is what the CLI prints, ``exit_code`` 0 healthy or 14 firing). Raises Locked (exit 8)
+    while another monitor of the model runs."""
+    run_id = os.urandom(8).hex()
+    _lock(reg, spec.name, run_id)
+    try:
+        return _run(spec, reg, store, endpoints, textfile=textfile, wait=wait, token=token, timeout=timeout, now=now,
+                    log=log)
+    finally:
+        _unlock(reg, spec.name, run_id)
+
+
+def _missing_sqlite(store) -> str | None:
+    """The path of a SQLite capture file that does not exist (a monitor pointed at the wrong
+    database would otherwise only ever say "not enough captured rows")."""
+    url = getattr(store, "url", None)
+    if not url or not str(url).startswith("sqlite"):
+        return None
+    try:
+        from sqlalchemy.engine import make_url
+        path = make_url(str(url)).database
+    except Exception:  # noqa: BLE001 - not ours to judge: the store reports its own errors
+        return None
+    return path if path and path != ":memory:" and not Path(path).exists() else None
+
+
+def _run(spec: Spec, reg, store=None, endpoints: list[str] | None = None, *, textfile: str | None = None,
+         wait: bool = False, token: str | None = None, timeout: float = 10.0, now: float | None = None,
+         log: Callable[[str], None] = print) -> dict:
     now = time.time() if now is None else float(now)
     name = spec.name
     endpoints = list(endpoints if endpoints else spec.monitor.get("endpoints") or [])
@@ -562,7 +660,12 @@ def run(spec: Spec, reg, store=None, endpoints: list[str] | None = None, *, text
         windows.setdefault(w, parse_duration(w, "alert window"))
 
     frame, capture_error = None, None
-    if store is not None:
+    missing = _missing_sqlite(store)
+    if missing:
+        capture_error = (f"no capture database at {missing}: nothing was captured there (point MLPIPE_CAPTURE_DB, "
+                         f"retrain_cron_capture_db, at the database the servers write)")
+        report["notes"].append(capture_error)
+    elif store is not None:
         try:
             frame = _window_frame(store, name, version, now - max(windows.values()), now)
         except Exception as exc:
@@ -708,6 +811,11 @@ def run(spec: Spec, reg, store=None, endpoints: list[str] | None = None, *, text
                     if wait:
                         log(f"retrain {name}: starting mlpipe retrain --force ({why}); waiting for it")
                     retrain_done = start_retrain(spec, reg, wait, why, log)
+                if blocked is None and not retrain_done.get("started"):
+                    entry["retrain"] = retrain_done["blocked"]
+                    report["actions"].append(f"retrain {retrain_done['blocked']}")
+                    log(f"alert {key}: retrain {retrain_done['blocked']}")
+                elif blocked is None:
                     prev["last_retrain"] = now
                     entry["retrain"] = retrain_done
                     report["retrain"] = retrain_done
@@ -740,8 +848,14 @@ def run(spec: Spec, reg, store=None, endpoints: list[str] | None = None, *, text
     path = textfile or spec.monitor.get("textfile")
     if path:
         path = str(path).replace("{model}", name)
-        write_textfile(path, report)
-        report["textfile"] = path
+        try:
+            write_textfile(path, report)
+            report["textfile"] = path
+        except OSError as exc:
+            note = (f"could not write the Prometheus textfile {path} ({exc.strerror or exc}): check the folder "
+                    f"exists and this user may write it (monitor.textfile / --textfile)")
+            report["notes"].append(note)
+            log(note)
     return _clean(report)
 
 

@@ -440,3 +440,105 @@ def test_histogram_quantile_delta_and_redaction():
     assert monitor.delta(restarted, before) == (restarted, False)
     assert monitor.redact_url("https://hooks.slack.com/services/T0/B0/SECRET?x=1") == "https://hooks.slack.com/services/…"
     assert monitor.redact_url("https://user:pw@hooks.example:8443/ml") == "https://hooks.example:8443/ml"
+
+
+# ------------------------------------------------------------------------------------ failure paths
+class Trickle:
+    """A webhook that accepts the request and then sends one header byte every second, for ever:
+    every socket read succeeds, so requests' own timeout never fires."""
+
+    def __init__(self):
+        import socket as so
+        self.sock = so.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/slow"
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn):
+        try:
+            conn.recv(65536)
+            for ch in b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 10000:
+                if self.stop.is_set():
+                    return
+                conn.send(bytes([ch]))
+                time.sleep(1)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+def test_a_webhook_that_trickles_cannot_hold_the_run(model):
+    hook = Trickle()
+    try:
+        model.write_spec(alerts=["accuracy < 0.7"], notify={"webhook": hook.url, "timeout": 2, "retries": 1})
+        t = time.time()
+        model.capture(200, t - 600, t - 1, labels="wrong")
+        t0 = time.monotonic()
+        r = model.run(t)
+        took = time.monotonic() - t0
+    finally:
+        hook.close()
+    notified = r["alerts"][0]["notified"]
+    assert not notified["ok"] and "no complete answer within 2 s" in notified["error"], notified
+    assert r["exit_code"] == 14 and took < monitor.NOTIFY_MAX_SECONDS  # bounded, not for ever
+
+
+def test_a_log_folder_it_cannot_write_does_not_stop_the_run_or_renotify(model, receiver, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setenv("MLPIPE_LOG_DIR", str(tmp_path / "afile" / "logs"))
+    model.write_spec(alerts=[{"when": "accuracy < 0.7", "min_labelled": 50, "do": ["notify", "retrain"]}],
+                     notify={"webhook": receiver.url("/ok")})
+    t = time.time()
+    model.capture(200, t - 600, t - 1, labels="wrong")
+    r = model.run(t)
+    assert r["exit_code"] == 14 and "retrain" not in r
+    assert "retrain not started: cannot write its log" in r["summary"] and "MLPIPE_LOG_DIR" in r["summary"]
+    assert model.events("monitor_retrain_started") == []
+    r = model.run(t + 60)  # the state was kept: the same breach is not announced again
+    assert len(receiver.requests) == 1
+
+
+def test_an_unwritable_textfile_is_a_note_not_a_crash(model, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    model.write_spec(alerts=["accuracy < 0.7"], monitor={"textfile": str(tmp_path / "afile" / "m.prom")})
+    r = model.run(time.time())
+    assert r["exit_code"] == 0 and any("could not write the Prometheus textfile" in n for n in r["notes"])
+
+
+def test_two_monitors_of_one_model_do_not_run_at_once(model):
+    from mlpipe.errors import Locked
+    model.write_spec(alerts=["accuracy < 0.7"])
+    model.reg.store.put("churn/monitor/LOCK", json.dumps({"run": "other", "host": "trainer-2", "pid": 1,
+                                                          "since": time.time()}).encode())
+    with pytest.raises(Locked, match="another mlpipe monitor of churn is running .* on trainer-2"):
+        model.run(time.time())
+    # a lock left by a run that died long ago is taken over, and released at the end
+    model.reg.store.put("churn/monitor/LOCK", json.dumps({"run": "old", "host": "trainer-2", "pid": 1,
+                                                          "since": time.time() - 7200}).encode(), )
+    assert model.run(time.time())["exit_code"] == 0
+    with pytest.raises(KeyError):
+        model.reg.store.get_json("churn/monitor/LOCK")
+
+
+def test_a_capture_database_that_does_not_exist_is_named(model, tmp_path):
+    model.write_spec(alerts=["drift > 0.2"])
+    store = capture.Store(f"sqlite:///{tmp_path}/nowhere/capture.db")
+    r = monitor.run(model.spec, model.reg, store, now=time.time(), log=lambda line: None)
+    assert any(f"no capture database at {tmp_path}/nowhere/capture.db" in n for n in r["notes"]), r["notes"]
+    assert not (tmp_path / "nowhere").exists()
