@@ -674,7 +674,9 @@ def test_feedback_route_attaches_labels(fleet, tmp_path, data):
     for body, why in [({"label": 1}, "request_id"), ({"request_id": rid}, "label"),
                       ({"request_id": rid, "label": {"a": 1}}, "label"), ({"request_id": rid, "label": 1, "row": -1}, "row"),
                       ({"request_id": rid, "label": 1, "colour": "red"}, "unknown key"), ([], "no labels"),
-                      ({"request_id": "a b", "label": 1}, "request_id")]:
+                      ({"request_id": "a b", "label": 1}, "request_id"),
+                      ({"request_id": rid, "label": "yes"}, "not a class of credit-risk v1 (0, 1)"),
+                      ({"request_id": rid, "label": 7}, "not a class"), ({"request_id": rid, "label": True}, "not a class")]:
         r = c.post("/feedback", json=body)
         assert r.status_code == 400 and why in r.json["error"], (body, r.json)
 

@@ -19,7 +19,7 @@ from mlpipe.serve.model import LoadedModel, ModelSlot
 from mlpipe.serve.oip import parse_infer
 from mlpipe.serve.openapi import openapi
 from mlpipe.serve.prometheus import metrics, render_metrics
-from mlpipe.serve.recording import Capture, parse_feedback, request_id
+from mlpipe.serve.recording import Capture, check_labels, parse_feedback, request_id
 from mlpipe.serve.routes import ROUTES
 from mlpipe.serve.validation import bad, parse_json
 
@@ -173,6 +173,8 @@ def create_app(config: dict | None = None):
             check_name(name)
         except MlpipeError as exc:
             raise bad(str(exc)) from None
+        if slot.model is not None and name == slot.model.name:
+            check_labels(slot.model, items)
         try:
             result = cap.store().attach_labels(name, items, source="http")
         except NotReady as exc:

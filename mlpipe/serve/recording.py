@@ -152,3 +152,17 @@ def parse_feedback(doc) -> list[tuple[str, int, Any]]:
             raise bad(f"{where}: row must be a non-negative integer (the row of a multi-row request), got {row!r}")
         out.append((rid, row, label))
     return out
+
+
+def check_labels(m, items: list[tuple[str, int, Any]]) -> None:
+    """Labels must fit the served model: a class it knows (classifiers), a finite number (regressors).
+    One client's "yes" among 0/1 would otherwise stop every retrain that learns from the labels."""
+    for i, (rid, _, label) in enumerate(items):
+        where = f"label {json.dumps(label)[:40]} for {rid}"
+        if m.kind == "regression":
+            if isinstance(label, bool) or not isinstance(label, (int, float)):
+                raise bad(f"{where}: {m.name} is a regressor, its labels are numbers")
+        elif m.classes and label not in m.classes or isinstance(label, bool) != any(isinstance(c, bool) for c in m.classes):
+            shown = ", ".join(json.dumps(c) for c in m.classes[:20])
+            raise bad(f"{where} is not a class of {m.name} v{m.version} ({shown})",
+                      hint="send one of the model's classes; a model name in the body sends labels to another model")
