@@ -14,7 +14,9 @@ PostgreSQL (``postgresql://user:password@host/db``, ``pip install 'mlpipe[postgr
 The request path never waits on the database: the server calls ``Recorder.offer()``, which only
 appends to a bounded in-memory queue; a writer thread per process batches the rows into the
 database. A slow, full or dead database costs captured rows (counted by reason in ``stats()``,
-logged at most once per 30 s per reason), never a failed or slower prediction.
+logged at most once per 30 s per reason), never a failed or slower prediction. The writer shares
+the serving process's interpreter lock, so it is paced to a share of a core (``max_cpu_share``,
+5%): traffic that offers more rows than that writes loses the excess (``queue_full``), not speed.
 
 Retention is bounded: the writer deletes rows older than ``max_age_seconds`` (30 days by default)
 and all but the newest ``max_rows`` (1,000,000) per model, every ``prune_every`` seconds; labels
@@ -36,6 +38,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
@@ -44,11 +47,15 @@ from mlpipe.errors import NotReady, UsageError
 ENV = "MLPIPE_CAPTURE_DB"
 CONNECT_TIMEOUT = 3         # seconds to reach a PostgreSQL server before giving up
 SQLITE_BUSY_TIMEOUT = 5     # seconds to wait for another process's write lock on a SQLite file
+READ_CHUNK = 20_000       # rows per chunk when reading captured predictions into a DataFrame
 LOG_EVERY = 30.0            # at most one log line per reason in this many seconds
 MAX_BACKOFF = 30.0          # seconds between reconnect attempts at most
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 META = ("request_id", "row", "model", "version", "host", "ts", "latency_ms")
 DROP_REASONS = ("queue_full", "db_error", "invalid")
+INSERT_COLUMNS = ("request_id", "row", "model", "version", "host", "ts", "latency_ms", "inputs", "prediction")
+_INSERT_SQL = ("INSERT INTO mlpipe_predictions (" + ", ".join(f'"{c}"' for c in INSERT_COLUMNS) + ") VALUES (%s) "
+               'ON CONFLICT ("request_id", "row") DO NOTHING')
 
 log = logging.getLogger("mlpipe.capture")
 
@@ -120,6 +127,134 @@ def _loads_many(texts: list) -> list:
     present = [t for t in texts if t is not None]
     parsed = iter(json.loads("[" + ",".join(present) + "]")) if present else iter(())
     return [None if t is None else next(parsed) for t in texts]
+
+
+def _loads_column(texts) -> list:
+    """A column of JSON texts (None kept as None) parsed: each distinct text once when they repeat
+    (class labels), else all in one json.loads call."""
+    distinct = set(texts)
+    if len(distinct) <= max(16, len(texts) // 8):
+        parsed = {t: None if t is None else json.loads(t) for t in distinct}
+        if not any(isinstance(v, (list, dict)) for v in parsed.values()):  # never share a mutable value
+            return list(map(parsed.__getitem__, texts))
+    return _loads_many(list(texts))
+
+
+_ARROW_KINDS = ("is_floating", "is_integer", "is_boolean", "is_string", "is_large_string", "is_null")
+
+
+def _parse_inputs(texts) -> tuple[int, dict]:
+    """A chunk's inputs (JSON objects) as columns: (rows, {name: numpy array}), names in order of
+    first appearance, a name missing from a row NaN. pyarrow parses the lot as JSON lines into typed
+    columns (and lets go of the GIL while it does); anything it does not take the same way
+    (NaN/Infinity, dates, nested values, a value that is not an object) goes through json.loads."""
+    n = len(texts)
+    try:
+        import pyarrow as pa
+        import pyarrow.json as pa_json
+        buf = "\n".join(texts).encode()
+        table = pa_json.read_json(pa.py_buffer(buf), read_options=pa_json.ReadOptions(block_size=max(1 << 20, len(buf) // 4 + 1)))
+        del buf
+        if table.num_rows == n and all(any(getattr(pa.types, k)(f.type) for k in _ARROW_KINDS) for f in table.schema):
+            return n, {f.name: table.column(i).to_numpy(zero_copy_only=False) for i, f in enumerate(table.schema)}
+    except Exception:
+        pass
+    import pandas as pd
+    frame = pd.DataFrame.from_records(json.loads("[" + ",".join(texts) + "]"))
+    return n, {str(c): frame[c].to_numpy() for c in frame.columns}
+
+
+def _join_columns(chunks: list) -> dict:
+    """Per-chunk columns -> one array per name; a chunk without a name gives NaN for its rows."""
+    names: dict = {}
+    for _, cols in chunks:
+        names.update(dict.fromkeys(cols))
+    out = {}
+    for name in names:
+        parts = [cols.get(name) if name in cols else np.full(n, np.nan) for n, cols in chunks]
+        out[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        for _, cols in chunks:  # let go of each chunk's copy as soon as it is joined
+            cols.pop(name, None)
+    return out
+
+
+def _json_texts(values, none: str | None = None) -> list:
+    """Each value as its JSON text, as ``dumps`` would write it (None becomes ``none``), without a
+    json.dumps call per value for the common types: finite floats and ints are their repr, strings
+    (class labels, categories: few distinct) are encoded once each."""
+    out = []
+    append = out.append
+    seen: dict = {}
+    for v in values:
+        t = type(v)
+        if t is float:
+            append(repr(v) if v - v == 0 else dumps(v))  # v - v is nan for nan and +-inf
+        elif t is int:
+            append(repr(v))
+        elif v is None:
+            append(none)
+        elif t is str:
+            text = seen.get(v)
+            if text is None:
+                text = seen[v] = dumps(v)
+            append(text)
+        else:
+            append(dumps(v))
+    return out
+
+
+_TEMPLATES: dict = {}
+
+
+def _template(names: tuple, conv: str) -> tuple[str, bool]:
+    """``{"a":%r,"b":%r}`` for the feature names (``%s`` with ``conv`` "s"): one row's JSON object is
+    one %-format. The flag says whether the names contain "nan" or "inf", which would defeat the
+    cheap search for non-finite floats in the formatted text."""
+    key = (names, conv)
+    got = _TEMPLATES.get(key)
+    if got is None:
+        body = ",".join(json.dumps(str(n)).replace("%", "%%") + ":%" + conv for n in names)
+        got = ("{" + body + "}", any("nan" in str(n) or "inf" in str(n) for n in names))
+        if len(_TEMPLATES) > 256:
+            _TEMPLATES.clear()
+        _TEMPLATES[key] = got
+    return got
+
+
+def _inputs_json(features, X) -> list[str]:
+    """One JSON object per row of ``X`` (a float/int matrix in ``features`` order, a DataFrame, or
+    rows of values), worked out a whole request at a time: what ``dumps(dict(zip(names, row)))`` gives
+    per row, at a fraction of its cost."""
+    if hasattr(X, "columns") and hasattr(X, "to_dict"):  # a DataFrame: column by column
+        names = tuple(str(c) for c in X.columns)
+        if len(set(names)) == len(names):
+            tmpl, _ = _template(names, "s")
+            columns = []
+            for j in range(len(names)):
+                col = X.iloc[:, j]
+                values = col.tolist()
+                if not isinstance(col.dtype, np.dtype) and col.hasnans:  # pandas NA: null, as to_dict has it
+                    import pandas as pd
+                    values = [None if v is pd.NA else v for v in values]
+                columns.append(_json_texts(values, "null"))
+            return [tmpl % row for row in zip(*columns)]
+        return [dumps(r) for r in X.to_dict("records")]
+    names = tuple(features)
+    kind = getattr(getattr(X, "dtype", None), "kind", None)
+    if (kind in ("f", "i", "u") and getattr(X, "ndim", 0) == 2 and X.shape[1] == len(names)
+            and len(set(names)) == len(names)):
+        tmpl, unsafe = _template(names, "r")
+        rows = X.tolist()
+        texts = [tmpl % tuple(r) for r in rows]
+        if kind == "f":  # repr(nan) and repr(inf) are not JSON: those rows the slow way (NaN, Infinity)
+            if unsafe:
+                bad = range(len(rows)) if not math.isfinite(float(X.sum())) else ()
+            else:
+                bad = [i for i, t in enumerate(texts) if "nan" in t or "inf" in t]
+            for i in bad:
+                texts[i] = dumps(dict(zip(names, rows[i])))
+        return texts
+    return [dumps(dict(zip(names, r))) for r in (X.tolist() if hasattr(X, "tolist") else X)]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -240,22 +375,36 @@ class Store:
     def write(self, rows: list[dict]) -> int:
         """Insert captured rows (keys as the columns; ``inputs`` a dict, ``prediction`` a scalar).
         A (request_id, row) already stored is kept as it was. Returns the rows handed to the database."""
-        if not rows:
-            return 0
         values = []
         for r in rows:
             inputs, pred = r.get("inputs", {}), r.get("prediction")
-            values.append({
-                "request_id": str(r["request_id"])[:64], "row": int(r.get("row", 0)), "model": str(r["model"])[:64],
-                "version": int(r["version"]), "host": str(r.get("host") or "")[:255], "ts": float(r["ts"]),
-                "latency_ms": None if r.get("latency_ms") is None else float(r["latency_ms"]),
-                "inputs": inputs if isinstance(inputs, str) else dumps(inputs),
-                "prediction": None if pred is None else dumps(pred)})
-        stmt = self._insert(predictions_table).on_conflict_do_nothing(index_elements=["request_id", "row"])
+            values.append((str(r["request_id"])[:64], int(r.get("row", 0)), str(r["model"])[:64], int(r["version"]),
+                           str(r.get("host") or "")[:255], float(r["ts"]),
+                           None if r.get("latency_ms") is None else float(r["latency_ms"]),
+                           inputs if isinstance(inputs, str) else dumps(inputs), None if pred is None else dumps(pred)))
+        return self.write_tuples(values)
+
+    def write_tuples(self, values: list[tuple]) -> int:
+        """Insert rows given as tuples in ``INSERT_COLUMNS`` order, already converted (inputs and
+        prediction JSON texts): one prepared statement through the driver (sqlite3 executemany,
+        psycopg2 execute_values), no SQLAlchemy work per row. What the Recorder's writer calls."""
+        if not values:
+            return 0
         with self._errors("writing captured predictions"):
             self._ensure()
             with self.engine.begin() as conn:
-                conn.execute(stmt, values)
+                if self.backend == "postgresql" and self.engine.dialect.driver == "psycopg2":
+                    from psycopg2.extras import execute_values
+                    try:
+                        with conn.connection.driver_connection.cursor() as cur:
+                            execute_values(cur, _INSERT_SQL.replace("VALUES (%s)", "VALUES %s"), values,
+                                           page_size=1000)
+                    except self.engine.dialect.loaded_dbapi.Error as exc:
+                        raise sa_exc.DBAPIError.instance(_INSERT_SQL, None, exc, self.engine.dialect.loaded_dbapi.Error,
+                                                         dialect=self.engine.dialect) from None
+                else:
+                    marks = ", ".join(["?" if self.engine.dialect.paramstyle == "qmark" else "%s"] * len(INSERT_COLUMNS))
+                    conn.exec_driver_sql(_INSERT_SQL.replace("VALUES (%s)", f"VALUES ({marks})"), values)
         return len(values)
 
     def _select(self, model, since, until, labelled, version):
@@ -275,13 +424,17 @@ class Store:
             q = q.where(f.c.label.is_(None))
         return q
 
+    @staticmethod
+    def _ordered(q, limit: int | None):
+        """Oldest first, or the newest ``limit`` newest first."""
+        p = predictions_table
+        return q.order_by(p.c.ts.desc(), p.c.id.desc()).limit(int(limit)) if limit is not None else q.order_by(p.c.ts, p.c.id)
+
     def records(self, model: str, since: float | None = None, until: float | None = None, limit: int | None = None,
                 labelled: bool | None = None, version: int | None = None) -> list[dict]:
         """Captured rows as dicts (``inputs`` a dict, ``label`` None when none): oldest first, or
         the newest ``limit`` newest first."""
-        q = self._select(model, since, until, labelled, version)
-        p = predictions_table
-        q = q.order_by(p.c.ts.desc(), p.c.id.desc()).limit(int(limit)) if limit is not None else q.order_by(p.c.ts, p.c.id)
+        q = self._ordered(self._select(model, since, until, labelled, version), limit)
         with self._errors("reading captured predictions"):
             if not self._ensure(create=False):
                 return []
@@ -298,16 +451,52 @@ class Store:
                     limit: int | None = None, labelled: bool | None = None, version: int | None = None):
         """A DataFrame: request_id, row, model, version, host, ts, latency_ms, one column per input
         feature, prediction, label (None/NaN when no label). A feature named like one of the other
-        columns appears as ``input.<name>``."""
+        columns appears as ``input.<name>``.
+
+        Read in chunks of READ_CHUNK rows, each turned into columns at once (the inputs' JSON parsed
+        by pyarrow into typed columns while the next chunk is fetched; json.loads for what pyarrow
+        does not take), so a million rows cost about the bare SELECT and no row is ever a dict."""
         import pandas as pd
-        recs = self.records(model, since, until, limit, labelled, version)
-        if not recs:
+        q = self._ordered(self._select(model, since, until, labelled, version), limit)
+        meta: dict = {k: [] for k in META}
+        preds: list = []
+        labels: list = []
+        inputs: list = []    # per chunk: (rows, {name: array}) or a Future of it
+        strings: dict = {}   # one str object per distinct model / host name
+        with self._errors("reading captured predictions"):
+            if not self._ensure(create=False):
+                return pd.DataFrame({c: pd.Series(dtype=object) for c in META + ("prediction", "label")})
+            from concurrent.futures import ThreadPoolExecutor
+            with self.engine.connect() as conn, ThreadPoolExecutor(1, thread_name_prefix="mlpipe-read") as pool:
+                result = conn.execution_options(stream_results=True, yield_per=READ_CHUNK).execute(q)
+                for part in result.partitions(READ_CHUNK):
+                    cols = list(zip(*part))
+                    del part
+                    pending = [f for f in inputs[-3:] if not f.done()]
+                    if len(pending) >= 2:  # parsing lags behind: wait, so unparsed text does not pile up
+                        pending[0].result()
+                    inputs.append(pool.submit(_parse_inputs, cols[7]))
+                    meta["request_id"] += cols[0]
+                    meta["row"].append(np.fromiter(cols[1], np.int64, len(cols[1])))
+                    meta["model"] += [strings.setdefault(v, v) for v in cols[2]]
+                    meta["version"].append(np.fromiter(cols[3], np.int64, len(cols[3])))
+                    meta["host"] += [strings.setdefault(v, v) for v in cols[4]]
+                    meta["ts"].append(np.array(cols[5], dtype=np.float64))
+                    meta["latency_ms"].append(np.array(cols[6], dtype=np.float64))
+                    preds += _loads_column(cols[8])
+                    labels += _loads_column(cols[9])
+                    del cols
+                inputs = [f.result() for f in inputs]
+        if not preds:
             return pd.DataFrame({c: pd.Series(dtype=object) for c in META + ("prediction", "label")})
-        frame = pd.DataFrame({k: [r[k] for r in recs] for k in META})
-        inputs = pd.DataFrame.from_records([r["inputs"] for r in recs])
-        inputs.columns = [f"input.{c}" if c in META or c in ("prediction", "label") else c for c in inputs.columns]
-        tail = pd.DataFrame({"prediction": [r["prediction"] for r in recs], "label": [r["label"] for r in recs]})
-        return pd.concat([frame, inputs, tail], axis=1)
+        data = {k: (np.concatenate(v) if v and isinstance(v[0], np.ndarray) else v) for k, v in meta.items()}
+        meta.clear()
+        for name, column in _join_columns(inputs).items():
+            data[f"input.{name}" if name in META or name in ("prediction", "label") else name] = column
+        inputs.clear()
+        data["prediction"] = preds
+        data["label"] = labels
+        return pd.DataFrame(data, copy=False)  # no copy of every column into one block: half the memory
 
     def count(self, model: str, since: float | None = None) -> int:
         p = predictions_table
@@ -356,10 +545,13 @@ class Store:
                 for i in range(0, len(values), 1000):
                     conn.execute(stmt, values[i:i + 1000])
                 for i in range(0, len(keys), 500):
+                    # by request id alone, so that the (request_id, row) unique index answers: with
+                    # model in the WHERE the database picks the (model, ts) index and reads every
+                    # row of the model for each chunk (a minute for 100k labels on 1M rows)
                     chunk = keys[i:i + 500]
-                    found = conn.execute(sa.select(p.c.request_id, p.c.row).where(
-                        p.c.model == model, p.c.request_id.in_(sorted({k[0] for k in chunk})))).all()
-                    matched += len(set(chunk) & {(r.request_id, r.row) for r in found})
+                    found = conn.execute(sa.select(p.c.request_id, p.c.row, p.c.model).where(
+                        p.c.request_id.in_(sorted({k[0] for k in chunk})))).all()
+                    matched += len(set(chunk) & {(r.request_id, r.row) for r in found if r.model == model})
         return {"stored": len(values), "matched": matched, "unmatched": len(values) - matched}
 
     # -- retention ------------------------------------------------------------------------------
@@ -429,11 +621,17 @@ class Recorder:
     parent's queue), batches rows into the database. A batch the database refuses is dropped and
     counted (``db_error``); reconnection backs off up to 30 s, and while the database is failing
     rows that do not fit in the queue are counted as ``db_error`` too (``queue_full`` otherwise).
+
+    The writer runs inside the serving process and needs its interpreter lock, so its CPU time is
+    taken from predictions: it is paced to ``max_cpu_share`` of one core (after a batch that took
+    t seconds of CPU it rests t * (1 - share) / share seconds). When the traffic offers more rows
+    than that share can write, the queue fills and the excess is dropped (``queue_full``): capture
+    costs rows, never throughput. ``flush()`` and ``close()`` skip the rests.
     """
 
     def __init__(self, url: str | None, host: str, max_queue: int = 10000, flush_interval: float = 0.5,
                  batch_rows: int = 1000, max_age_seconds: float | None = 30 * 86400, max_rows: int | None = 1_000_000,
-                 prune_every: float = 600):
+                 prune_every: float = 600, max_cpu_share: float = 0.05):
         self.url = db_url(url)
         self.shown = redact(self.url)
         self.host = str(host)[:255]
@@ -443,6 +641,7 @@ class Recorder:
         self.max_age_seconds = max_age_seconds
         self.max_rows = max_rows
         self.prune_every = prune_every
+        self.max_cpu_share = min(1.0, max(0.001, float(max_cpu_share)))
         self._inherited: list = []  # a parent's engines, kept so that closing them never touches its connections
         self._reset()
         _RECORDERS.add(self)
@@ -458,6 +657,7 @@ class Recorder:
         self._failing = False
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
+        self._hurry = threading.Event()  # flush()/close() waiting: no rests between batches
         self._stopping = False
         self._closed = False
         self._retry_now = False
@@ -491,7 +691,7 @@ class Recorder:
                     self._thread = threading.Thread(target=self._run, name="mlpipe-capture", daemon=True)
             if start:
                 self._thread.start()
-            if self._queued >= self.batch_rows:
+            if self._queued >= self.batch_rows and not self._wake.is_set():
                 self._wake.set()
         except Exception:  # capture must never cost a prediction
             pass
@@ -516,6 +716,7 @@ class Recorder:
             if not alive or time.monotonic() > deadline:
                 return False
             self._retry_now = True
+            self._hurry.set()
             self._wake.set()
             time.sleep(0.02)
 
@@ -526,6 +727,7 @@ class Recorder:
             thread = self._thread
         drained = self.flush(timeout) if thread is not None else True
         self._stopping = True
+        self._hurry.set()
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(max(0.1, timeout))
@@ -545,25 +747,24 @@ class Recorder:
             self._inflight = rows
         return batch
 
-    def _rows(self, batch: list) -> tuple[list[dict], int]:
-        """Queue items -> table rows (the JSON work happens here, not on the request path)."""
+    def _rows(self, batch: list) -> tuple[list[tuple], int]:
+        """Queue items -> table rows (the JSON work happens here, not on the request path), a whole
+        request at a time (see ``_inputs_json``)."""
         out, invalid = [], 0
+        host = self.host
         for ts, model, version, request_id, features, X, preds, latency_ms, n in batch:
             try:
                 if not isinstance(request_id, str) or not request_id or len(request_id) > 64:
                     raise ValueError("bad request id")
-                if hasattr(X, "to_dict") and hasattr(X, "columns"):  # a DataFrame
-                    inputs = X.to_dict("records")
-                else:
-                    names = list(features)
-                    inputs = [dict(zip(names, r)) for r in (X.tolist() if hasattr(X, "tolist") else X)]
-                values = preds.tolist() if hasattr(preds, "tolist") else list(preds) if hasattr(preds, "__len__") else [preds]
+                inputs = _inputs_json(features, X)
+                values = _json_texts(preds.tolist() if hasattr(preds, "tolist") else
+                                     list(preds) if hasattr(preds, "__len__") else [preds])
                 if len(values) != len(inputs):
                     raise ValueError("rows and predictions differ")
-                for i, (inp, pred) in enumerate(zip(inputs, values)):
-                    out.append({"request_id": request_id, "row": i, "model": model, "version": int(version),
-                                "host": self.host, "ts": ts, "latency_ms": latency_ms,
-                                "inputs": dumps(inp), "prediction": pred})
+                model, version = str(model)[:64], int(version)
+                latency_ms = None if latency_ms is None else float(latency_ms)
+                out += [(request_id, i, model, version, host, ts, latency_ms, inp, pred)
+                        for i, (inp, pred) in enumerate(zip(inputs, values))]
             except Exception:
                 invalid += n
         return out, invalid
@@ -589,6 +790,7 @@ class Recorder:
         report drops. True when the recorder is closing."""
         self._wake.wait(self.flush_interval)
         self._wake.clear()
+        self._hurry.clear()
         stopping = self._stopping
         now = time.monotonic()
         if now >= state["retry_at"] or self._retry_now:
@@ -597,11 +799,12 @@ class Recorder:
                 batch = self._take()
                 if not batch:
                     break
+                cpu = time.thread_time()
                 rows, invalid = self._rows(batch)
                 try:
                     if self._store is None:
                         self._store = Store(self.url)
-                    self._store.write(rows)
+                    self._store.write_tuples(rows)
                 except Exception as exc:
                     state["error"] = str(exc)
                     with self._lock:
@@ -623,10 +826,12 @@ class Recorder:
                 if recovered:
                     log.warning("capture database %s is reachable again: capturing predictions", self.shown)
                 state["backoff"] = 0.0
+                self._rest(time.thread_time() - cpu)
             if (self.prune_every and not self._failing and self._store is not None
                     and time.monotonic() >= state["next_prune"]
                     and (self.max_age_seconds is not None or self.max_rows is not None)):
                 state["next_prune"] = time.monotonic() + self.prune_every
+                cpu = time.thread_time()
                 try:
                     n = self._store.prune(self.max_age_seconds, self.max_rows)
                     if n:
@@ -635,8 +840,15 @@ class Recorder:
                     if time.monotonic() - state["last_log"]["prune"] >= LOG_EVERY:
                         state["last_log"]["prune"] = time.monotonic()
                         log.warning("capture: pruning %s failed: %s", self.shown, exc)
+                self._rest(time.thread_time() - cpu)
         self._report(state["last_log"], state["logged"], state["error"])
         return stopping
+
+    def _rest(self, cpu: float) -> None:
+        """After ``cpu`` seconds of work, wait so that the writer stays within ``max_cpu_share``."""
+        share = self.max_cpu_share
+        if share < 1.0 and cpu > 0 and not self._stopping:
+            self._hurry.wait(min(cpu * (1.0 - share) / share, 10.0))
 
     def _report(self, last_log: dict, logged: dict, error: str) -> None:
         """At most one warning per reason per LOG_EVERY seconds, with the rows dropped since the last one."""

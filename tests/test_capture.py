@@ -125,6 +125,67 @@ def test_write_read_round_trip(db):
     assert store.predictions("nobody").empty
 
 
+def _frame_the_slow_way(store, model, **kw):
+    """What Store.predictions returned before it read in chunks: records() -> one DataFrame."""
+    recs = store.records(model, **kw)
+    meta = ("request_id", "row", "model", "version", "host", "ts", "latency_ms")
+    frame = pd.DataFrame({k: [r[k] for r in recs] for k in meta})
+    inputs = pd.DataFrame.from_records([r["inputs"] for r in recs])
+    inputs.columns = [f"input.{c}" if c in meta or c in ("prediction", "label") else c for c in inputs.columns]
+    tail = pd.DataFrame({"prediction": [r["prediction"] for r in recs], "label": [r["label"] for r in recs]})
+    return pd.concat([frame, inputs, tail], axis=1)
+
+
+def test_predictions_read_in_chunks_is_the_same_frame(db, monkeypatch):
+    """Chunks of 7 rows: a NaN input (not JSON lines pyarrow takes: that chunk goes through
+    json.loads), text and boolean features, a feature only later rows have, one named like a column,
+    a label on some rows, class and numeric predictions."""
+    monkeypatch.setattr(capture, "READ_CHUNK", 7)
+    store = capture.Store(db)
+    now = time.time()
+    rows = []
+    for i in range(40):
+        inputs = {"mean radius": i * 0.5, "mean texture": i, "kind": "ab"[i % 2], "flag": i % 3 == 0}
+        if i == 9:
+            inputs["mean radius"] = float("nan")
+        if i >= 30:
+            inputs["ts"] = 7.5
+        rows.append(row(f"q{i:02d}", ts=now - 100 + i, inputs=inputs, prediction="ab"[i % 2] if i < 35 else i / 3,
+                        host=f"h{i % 3}"))
+    store.write(rows)
+    store.attach_labels("credit-risk", [(f"q{i:02d}", 0, i % 2) for i in range(0, 40, 3)], "test")
+    for kw in ({}, {"limit": 12}, {"labelled": True}, {"labelled": False}, {"since": now - 75, "version": 1}):
+        got, want = store.predictions("credit-risk", **kw), _frame_the_slow_way(store, "credit-risk", **kw)
+        assert list(got.columns) == list(want.columns), kw
+        pd.testing.assert_frame_equal(got, want, obj=str(kw))
+    frame = store.predictions("credit-risk")
+    assert list(frame.columns)[-4:] == ["flag", "input.ts", "prediction", "label"]
+    assert np.isnan(frame["mean radius"][9]) and frame["mean radius"][10] == 5.0
+
+
+def test_inputs_as_json_whole_requests_at_a_time():
+    """The writer's column-wise JSON is what json.dumps of one dict per row gives."""
+    def slow(features, X):
+        if isinstance(X, pd.DataFrame):
+            return [capture.dumps(r) for r in X.to_dict("records")]
+        return [capture.dumps(dict(zip(features, r))) for r in (X.tolist() if hasattr(X, "tolist") else X)]
+    names = ["a", "b%", 'q"uote', "\u00fcn\u00ef"]
+    cases = [
+        (names, np.array([[1.0, np.nan, np.inf, -np.inf], [1e-300, 1e300, -0.0, 3.0], [0.1, 2.5, 1e16, 1 / 3]])),
+        (names, np.array([[1, 2, 3, 4]], dtype=np.int64)),
+        (names, np.array([[1, 0, 1, 0]], dtype=bool)),
+        (["nan", "inf"], np.array([[1.0, 2.0], [np.nan, 1.0]])),   # names that look like non-finite floats
+        (names, [[1, "x", None, 2.5]]),
+        (None, pd.DataFrame({"a": [1.5, np.nan], "b": ["x", None], "c": [1, 2], "d": [True, False],
+                             "e": pd.to_datetime(["2020-01-01", "2021-01-01"]), "f": pd.Categorical(["u", "v"])})),
+        (None, pd.DataFrame({"a": [1.5, 2.0], "b": pd.array([None, 3], dtype="Int64")})),
+    ]
+    for features, X in cases:
+        assert capture._inputs_json(features, X) == slow(features, X)
+    values = [1, 2.5, float("nan"), float("-inf"), "x", None, True, np.int64(3), "x", "caf\u00e9"]
+    assert capture._json_texts(values) == [None if v is None else capture.dumps(v) for v in values]
+
+
 def test_labels_attach_replace_and_unmatched(db):
     store = capture.Store(db)
     store.write([row("a"), row("b"), row("b", r=1), row("x", model="other")])
@@ -242,6 +303,27 @@ def test_recorder_captures_off_the_request_path(db):
     assert [(r["inputs"], r["prediction"]) for r in recs if r["request_id"] == "frame"] == \
         [({"mean radius": 1.5, "mean texture": "x"}, "benign")]
     rec.offer("credit-risk", 3, "late", FEATURES, np.zeros((1, 2)), [0], 1.0)  # after close: ignored, no error
+
+
+def test_writer_keeps_to_its_cpu_share(tmp_path):
+    """A writer allowed 0.1% of a core rests ~1000x as long as each batch took: traffic that offers
+    more rows than that fills the queue and the excess is dropped (queue_full) while offer() returns
+    at once; flush() skips the rests and writes what is queued."""
+    rec = capture.Recorder(f"sqlite:///{tmp_path}/c.db", host="h", flush_interval=0.01, batch_rows=50,
+                           max_queue=200, max_cpu_share=0.001)
+    try:
+        offer(rec, "first", n=50)
+        wait_for(lambda: rec.stats()["captured"] == 50, what="the first batch")
+        for i in range(2000):
+            offer(rec, f"r{i}")
+        stats = rec.stats()
+        assert stats["dropped"]["queue_full"] > 0 and stats["captured"] + stats["queued"] + stats["dropped"]["queue_full"] == 4050
+        assert rec.flush(60)
+        stats = rec.stats()
+        assert stats["queued"] == 0 and stats["captured"] + stats["dropped"]["queue_full"] == 4050
+        assert capture.Store(f"sqlite:///{tmp_path}/c.db").count("credit-risk") == stats["captured"]
+    finally:
+        assert rec.close(30)
 
 
 def test_recorder_counts_rows_it_cannot_convert(tmp_path):
@@ -587,3 +669,21 @@ def test_worker_processes_write_one_sqlite_file(tmp_path):
     assert len(recs) == 900 and {r["host"] for r in recs} == {"worker-0", "worker-1", "worker-2"}
     with sqlite3.connect(tmp_path / "shared" / "capture.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_predictions_source_refuses_labels_that_mix_numbers_and_text(tmp_path, monkeypatch):
+    """One client's "yes" among 0/1 labels would fail deep inside scikit-learn (and stall every
+    retrain that learns from the fed-back labels): the source refuses it, naming the request ids."""
+    from mlpipe import capture, data
+    from mlpipe.errors import DataError
+    url = f"sqlite:///{tmp_path}/mix.db"
+    monkeypatch.setenv("MLPIPE_CAPTURE_DB", url)
+    store = capture.Store(url)
+    store.write([{"request_id": f"r{i}", "row": 0, "model": "toy", "version": 1, "host": "h", "ts": 1e9 + i,
+                  "latency_ms": 1.0, "inputs": {"a": float(i)}, "prediction": i % 2} for i in range(6)])
+    store.attach_labels("toy", [(f"r{i}", 0, i % 2) for i in range(5)] + [("r5", 0, "yes")], "test")
+    with pytest.raises(DataError, match=r"mix numbers and text \(1 text label\(s\), e\.g\. request ids r5\)"):
+        data.load("predictions:toy?labelled=true&target=y")
+    store.attach_labels("toy", [("r5", 0, 1.0)], "test")  # corrected: a later label replaces the earlier one
+    frame = data.load("predictions:toy?labelled=true&target=y").frame
+    assert frame["y"].dtype == "int64" and frame["y"].tolist() == [0, 1, 0, 1, 0, 1]
