@@ -11,6 +11,9 @@ PostgreSQL (``postgresql://user:password@host/db``, ``pip install 'mlpipe[postgr
     mlpipe_feedback     the true label of (request_id, row) for a model; a later label replaces
                         an earlier one
 
+A request id identifies a prediction together with the model (both tables are keyed on request_id,
+row, model): an API gateway sends one X-Request-Id to every backend.
+
 The request path never waits on the database: the server calls ``Recorder.offer()``, which only
 appends to a bounded in-memory queue; a writer thread per process batches the rows into the
 database. A slow, full or dead database costs captured rows (counted by reason in ``stats()``,
@@ -19,8 +22,13 @@ the serving process's interpreter lock, so it is paced to a share of a core (``m
 5%): traffic that offers more rows than that writes loses the excess (``queue_full``), not speed.
 
 Retention is bounded: the writer deletes rows older than ``max_age_seconds`` (30 days by default)
-and all but the newest ``max_rows`` (1,000,000) per model, every ``prune_every`` seconds; labels
-follow the same rules. ``mlpipe predictions prune`` does the same by hand.
+and all but the newest ``max_rows`` (1,000,000) of each model it has captured rows for, every
+``prune_every`` seconds (the database may be shared by models with other settings); a label goes with
+its prediction, or by age when it has none. ``mlpipe predictions prune`` does the same by hand.
+
+PostgreSQL statements have a server-side statement and lock timeout (60 s / 10 s for readers and
+the CLIs, 5 s for the Recorder's writes): a table lock held by VACUUM FULL makes them fail with
+NotReady instead of hanging the monitor or a serving worker.
 """
 from __future__ import annotations
 
@@ -52,10 +60,16 @@ LOG_EVERY = 30.0            # at most one log line per reason in this many secon
 MAX_BACKOFF = 30.0          # seconds between reconnect attempts at most
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 META = ("request_id", "row", "model", "version", "host", "ts", "latency_ms")
-DROP_REASONS = ("queue_full", "db_error", "invalid")
+DROP_REASONS = ("queue_full", "db_error", "invalid", "duplicate")
+STATEMENT_TIMEOUT = 60.0    # seconds a PostgreSQL statement of a reader or a CLI may run (server side)
+LOCK_TIMEOUT = 10.0         # seconds it may wait for a table lock (VACUUM FULL, LOCK TABLE, a migration)
+WRITE_TIMEOUT = 5.0         # both, for the serving workers' Recorder: a stuck write costs rows, not a worker
+MAX_QUEUE_BYTES = 64 << 20  # what the queued requests may hold per serving process (estimated)
+RUNBOOK = "docs/runbooks/capture-database.md"
 INSERT_COLUMNS = ("request_id", "row", "model", "version", "host", "ts", "latency_ms", "inputs", "prediction")
 _INSERT_SQL = ("INSERT INTO mlpipe_predictions (" + ", ".join(f'"{c}"' for c in INSERT_COLUMNS) + ") VALUES (%s) "
-               'ON CONFLICT ("request_id", "row") DO NOTHING')
+               'ON CONFLICT ("request_id", "row", "model") DO NOTHING')
+KEY = ("request_id", "row", "model")  # a request id is unique per model: a gateway sends one id to every backend
 
 log = logging.getLogger("mlpipe.capture")
 
@@ -72,14 +86,14 @@ predictions_table = sa.Table(
     sa.Column("latency_ms", sa.Double),
     sa.Column("inputs", sa.Text, nullable=False),
     sa.Column("prediction", sa.Text),
-    sa.UniqueConstraint("request_id", "row", name="uq_mlpipe_predictions_request_row"),
+    sa.UniqueConstraint("request_id", "row", "model", name="uq_mlpipe_predictions_request_row_model"),
     sa.Index("ix_mlpipe_predictions_model_ts", "model", "ts"),
 )
 feedback_table = sa.Table(
     "mlpipe_feedback", metadata,
     sa.Column("request_id", sa.String(64), primary_key=True),
     sa.Column("row", sa.Integer, primary_key=True),
-    sa.Column("model", sa.String(64), nullable=False),
+    sa.Column("model", sa.String(64), primary_key=True),
     sa.Column("label", sa.Text, nullable=False),
     sa.Column("ts", sa.Double, nullable=False),
     sa.Column("source", sa.String(255), nullable=False),
@@ -257,6 +271,30 @@ def _inputs_json(features, X) -> list[str]:
     return [dumps(dict(zip(names, r))) for r in (X.tolist() if hasattr(X, "tolist") else X)]
 
 
+def _size(value) -> int:
+    """A cheap estimate of the memory a queued request's inputs or predictions hold: nbytes for
+    numpy (strings in an object array from a sample), pandas' memory_usage, a sample of a list."""
+    try:
+        import sys
+        if hasattr(value, "memory_usage") and hasattr(value, "columns"):  # a DataFrame
+            return int(value.memory_usage(index=False, deep=True).sum())
+        if isinstance(value, np.ndarray):
+            if value.dtype != object or value.size == 0:
+                return int(value.nbytes)
+            flat = value.ravel()
+            step = max(1, flat.size // 64)
+            sample = flat[::step]
+            return int(value.nbytes + sum(sys.getsizeof(v) for v in sample) * flat.size / len(sample))
+        if isinstance(value, (list, tuple)) and value:
+            step = max(1, len(value) // 64)
+            sample = value[::step]
+            per = sum(_size(v) if isinstance(v, (list, tuple, np.ndarray)) else sys.getsizeof(v) for v in sample)
+            return int(per * len(value) / len(sample)) + sys.getsizeof(value)
+        return sys.getsizeof(value)
+    except Exception:
+        return 0
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -291,8 +329,13 @@ class Store:
     """The capture tables of one database. Methods raise NotReady (exit 2, HTTP 503) when the
     database cannot be reached or written, UsageError for a URL that cannot work."""
 
-    def __init__(self, url: str | None = None):
+    def __init__(self, url: str | None = None, statement_timeout: float | None = STATEMENT_TIMEOUT,
+                 lock_timeout: float | None = LOCK_TIMEOUT):
+        """``statement_timeout``/``lock_timeout``: seconds (None: the server's default, no limit) a
+        PostgreSQL statement may run / wait for a table lock before it fails (NotReady)."""
         self.url = db_url(url)
+        self.statement_timeout, self.lock_timeout = statement_timeout, lock_timeout
+        self._opened: tuple | None = None  # (st_dev, st_ino) of the SQLite file the connections opened
         self.shown = redact(self.url)
         try:
             u = sa.engine.make_url(self.url)
@@ -308,14 +351,20 @@ class Store:
                     self.sqlite_path = Path(u.database)
                 self.engine = sa.create_engine(u, connect_args={"timeout": SQLITE_BUSY_TIMEOUT}, pool_pre_ping=True)
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+                if self.sqlite_path is not None:
+                    sa.event.listen(self.engine, "connect", self._note_file)
             elif self.backend == "postgresql":
                 if u.drivername == "postgresql":
                     u = u.set(drivername=_pg_driver())
+                options = " ".join(f"-c {name}={int(float(value) * 1000)}" for name, value in
+                                   (("statement_timeout", statement_timeout), ("lock_timeout", lock_timeout))
+                                   if value is not None and float(value) > 0)
+                extra = {"options": options} if options else {}
                 self.engine = sa.create_engine(
                     u, pool_pre_ping=True, pool_size=2, max_overflow=4, pool_timeout=CONNECT_TIMEOUT,
                     connect_args={"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 30,
                                   "keepalives_interval": 10, "keepalives_count": 3,
-                                  "application_name": "mlpipe-capture"})
+                                  "application_name": "mlpipe-capture", **extra})
             else:
                 raise UsageError(f"capture database {self.shown} is {self.backend}: only SQLite and PostgreSQL are supported",
                                  hint="set MLPIPE_CAPTURE_DB to sqlite:///PATH or postgresql://user:password@host/db")
@@ -330,6 +379,29 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    def _note_file(self, _dbapi_conn, _record) -> None:
+        with contextlib.suppress(OSError):
+            st = os.stat(self.sqlite_path)
+            self._opened = (st.st_dev, st.st_ino)
+
+    def file_replaced(self) -> bool:
+        """True when the SQLite file the connections opened was deleted or replaced (a pooled
+        connection would go on writing to the unlinked inode): then the connections are let go
+        of, and the next write creates the file and its tables again. One os.stat."""
+        if self.sqlite_path is None or self._opened is None:
+            return False
+        try:
+            st = os.stat(self.sqlite_path)
+            same = (st.st_dev, st.st_ino) == self._opened
+        except OSError:
+            same = False
+        if same:
+            return False
+        self._opened = None
+        self.engine.dispose()
+        self._schema = False
+        return True
+
     @contextlib.contextmanager
     def _errors(self, doing: str):
         try:
@@ -338,9 +410,33 @@ class Store:
             msg = _first_line(exc)
             if self._password:
                 msg = msg.replace(self._password, "***")
+            code = getattr(getattr(exc, "orig", None), "pgcode", None) or getattr(getattr(exc, "orig", None), "sqlstate", None)
+            if code in ("55P03", "57014"):  # lock_not_available, query_canceled (statement_timeout)
+                limits = ", ".join(f"{n} {v:g} s" for n, v in (("lock timeout", self.lock_timeout),
+                                                                ("statement timeout", self.statement_timeout)) if v)
+                raise NotReady(f"capture database {self.shown}: {doing} failed: {msg} ({limits}): a lock on the "
+                               "capture tables (VACUUM FULL, LOCK TABLE, a migration) or a slow database",
+                               hint=f"see {RUNBOOK} ('Free space': VACUUM FULL locks the table); "
+                                    "pg_stat_activity shows who holds the lock") from None
             raise NotReady(f"capture database {self.shown}: {doing} failed: {msg}",
                            hint="check MLPIPE_CAPTURE_DB, that the database is up and its disk has space; "
-                                "see docs/runbooks/capture-database.md") from None
+                                f"see {RUNBOOK}") from None
+
+    def _check_keys(self) -> None:
+        """Tables made by a pre-release mlpipe were keyed on (request_id, row) without the model:
+        the second model's rows of a shared request id would be lost. Refuse them, naming the fix."""
+        insp = sa.inspect(self.engine)
+        want = set(KEY)
+        checks = (("mlpipe_predictions", [set(c["column_names"]) for c in insp.get_unique_constraints("mlpipe_predictions")]
+                   + [set(i["column_names"]) for i in insp.get_indexes("mlpipe_predictions") if i.get("unique")]),
+                  ("mlpipe_feedback", [set(insp.get_pk_constraint("mlpipe_feedback").get("constrained_columns") or ())]))
+        for table, keys in checks:
+            if want not in keys:
+                raise UsageError(
+                    f"capture database {self.shown}: table {table} is keyed on (request_id, row) without the model: "
+                    "it was created by a pre-release mlpipe, and would lose the rows of a request id sent to two models",
+                    hint=f"drop or rename the table (e.g. ALTER TABLE {table} RENAME TO {table}_old); the next "
+                         "mlpipe run creates it again")
 
     def _ensure(self, create: bool = True) -> bool:
         """Create the tables when missing. False when nothing was ever captured (a SQLite file that
@@ -361,6 +457,7 @@ class Store:
                 if attempt == 2 or ("already exists" not in text and "duplicate" not in text):
                     raise
                 time.sleep(0.2)
+        self._check_keys()
         self._schema = True
         return True
 
@@ -374,7 +471,7 @@ class Store:
     # -- predictions ----------------------------------------------------------------------------
     def write(self, rows: list[dict]) -> int:
         """Insert captured rows (keys as the columns; ``inputs`` a dict, ``prediction`` a scalar).
-        A (request_id, row) already stored is kept as it was. Returns the rows handed to the database."""
+        A (request_id, row, model) already stored is kept as it was. Returns the rows inserted."""
         values = []
         for r in rows:
             inputs, pred = r.get("inputs", {}), r.get("prediction")
@@ -387,9 +484,11 @@ class Store:
     def write_tuples(self, values: list[tuple]) -> int:
         """Insert rows given as tuples in ``INSERT_COLUMNS`` order, already converted (inputs and
         prediction JSON texts): one prepared statement through the driver (sqlite3 executemany,
-        psycopg2 execute_values), no SQLAlchemy work per row. What the Recorder's writer calls."""
+        psycopg2 execute_values), no SQLAlchemy work per row. What the Recorder's writer calls.
+        Returns the rows inserted: a (request_id, row, model) already stored is kept as it was."""
         if not values:
             return 0
+        inserted = 0
         with self._errors("writing captured predictions"):
             self._ensure()
             with self.engine.begin() as conn:
@@ -397,15 +496,20 @@ class Store:
                     from psycopg2.extras import execute_values
                     try:
                         with conn.connection.driver_connection.cursor() as cur:
-                            execute_values(cur, _INSERT_SQL.replace("VALUES (%s)", "VALUES %s"), values,
-                                           page_size=1000)
+                            for i in range(0, len(values), 1000):  # rowcount is the last page's
+                                execute_values(cur, _INSERT_SQL.replace("VALUES (%s)", "VALUES %s"),
+                                               values[i:i + 1000], page_size=1000)
+                                inserted += max(cur.rowcount, 0)
                     except self.engine.dialect.loaded_dbapi.Error as exc:
                         raise sa_exc.DBAPIError.instance(_INSERT_SQL, None, exc, self.engine.dialect.loaded_dbapi.Error,
                                                          dialect=self.engine.dialect) from None
                 else:
                     marks = ", ".join(["?" if self.engine.dialect.paramstyle == "qmark" else "%s"] * len(INSERT_COLUMNS))
-                    conn.exec_driver_sql(_INSERT_SQL.replace("VALUES (%s)", f"VALUES ({marks})"), values)
-        return len(values)
+                    n = conn.exec_driver_sql(_INSERT_SQL.replace("VALUES (%s)", f"VALUES ({marks})"), values).rowcount
+                    inserted = len(values) if n is None or n < 0 else n  # sqlite3 sums executemany's changes
+        if self.sqlite_path is not None and self._opened is None:  # SQLite makes the file at the first write
+            self._note_file(None, None)
+        return inserted
 
     def _select(self, model, since, until, labelled, version):
         p, f = predictions_table, feedback_table
@@ -534,8 +638,8 @@ class Store:
         values = [{"request_id": rid, "row": row, "model": model, "label": dumps(label), "ts": now,
                    "source": str(source)[:255]} for (rid, row), label in latest.items()]
         stmt = self._insert(feedback_table)
-        stmt = stmt.on_conflict_do_update(index_elements=["request_id", "row"],
-                                          set_={c: stmt.excluded[c] for c in ("model", "label", "ts", "source")})
+        stmt = stmt.on_conflict_do_update(index_elements=list(KEY),
+                                          set_={c: stmt.excluded[c] for c in ("label", "ts", "source")})
         p = predictions_table
         keys = list(latest)
         matched = 0
@@ -555,48 +659,56 @@ class Store:
         return {"stored": len(values), "matched": matched, "unmatched": len(values) - matched}
 
     # -- retention ------------------------------------------------------------------------------
-    def prune(self, max_age_seconds: float | None, max_rows: int | None) -> int:
+    def prune(self, max_age_seconds: float | None, max_rows: int | None, model: str | None = None) -> int:
         """Delete captured predictions older than ``max_age_seconds`` and all but the newest
-        ``max_rows`` of each model (None: no limit); labels follow the same rules. Deletes in
-        chunks so a writer in another process is never locked out for long. Returns the
+        ``max_rows`` of each model (None or 0: no limit), of ``model`` only when given (None: every
+        model in the database). A label is deleted with its prediction, or, when it has none, once
+        it is older than ``max_age_seconds`` (never by a row count: one load's labels share a time).
+        Deletes in chunks so a writer in another process is never locked out for long. Returns the
         predictions deleted."""
         p, f = predictions_table, feedback_table
         deleted = 0
+        if max_rows is not None and int(max_rows) <= 0:
+            max_rows = None
         with self._errors("pruning captured predictions"):
             if not self._ensure(create=False):
                 return 0
             if max_age_seconds is not None:
                 cutoff = time.time() - float(max_age_seconds)
-                deleted += self._delete_chunks(p.c.ts < cutoff)
+                where = p.c.ts < cutoff
+                deleted += self._delete_chunks(where if model is None else sa.and_(p.c.model == model, where))
+                orphan = sa.and_(f.c.ts < cutoff, ~sa.exists().where(
+                    p.c.request_id == f.c.request_id, p.c.row == f.c.row, p.c.model == f.c.model))
                 with self.engine.begin() as conn:
-                    conn.execute(sa.delete(f).where(f.c.ts < cutoff))
+                    conn.execute(sa.delete(f).where(orphan if model is None else sa.and_(f.c.model == model, orphan)))
             if max_rows is not None:
-                with self.engine.connect() as conn:
-                    models = [r[0] for r in conn.execute(sa.select(p.c.model).distinct()).all()]
-                    models_fb = [r[0] for r in conn.execute(sa.select(f.c.model).distinct()).all()]
-                for model in models:
+                if model is None:
+                    with self.engine.connect() as conn:
+                        models = [r[0] for r in conn.execute(sa.select(p.c.model).distinct()).all()]
+                else:
+                    models = [model]
+                for m in models:
                     with self.engine.connect() as conn:  # the newest row past the limit, by time
-                        last = conn.execute(sa.select(p.c.ts, p.c.id).where(p.c.model == model)
+                        last = conn.execute(sa.select(p.c.ts, p.c.id).where(p.c.model == m)
                                             .order_by(p.c.ts.desc(), p.c.id.desc()).offset(int(max_rows)).limit(1)).first()
                     if last is not None:
-                        deleted += self._delete_chunks(sa.and_(p.c.model == model, sa.or_(
+                        deleted += self._delete_chunks(sa.and_(p.c.model == m, sa.or_(
                             p.c.ts < last.ts, sa.and_(p.c.ts == last.ts, p.c.id <= last.id))))
-                for model in models_fb:
-                    with self.engine.begin() as conn:
-                        ts = conn.execute(sa.select(f.c.ts).where(f.c.model == model).order_by(f.c.ts.desc())
-                                          .offset(int(max_rows)).limit(1)).scalar()
-                        if ts is not None:
-                            conn.execute(sa.delete(f).where(f.c.model == model, f.c.ts <= ts))
         return deleted
 
     def _delete_chunks(self, where, chunk: int = 5000) -> int:
-        p = predictions_table
+        """Delete the predictions ``where`` selects, with their labels, ``chunk`` at a time."""
+        p, f = predictions_table, feedback_table
         total = 0
         while True:
             with self.engine.begin() as conn:
-                n = conn.execute(sa.delete(p).where(p.c.id.in_(sa.select(p.c.id).where(where).limit(chunk)))).rowcount
-            total += max(n, 0)
-            if n < chunk:
+                ids = [r[0] for r in conn.execute(sa.select(p.c.id).where(where).limit(chunk)).all()]
+                if ids:
+                    conn.execute(sa.delete(f).where(sa.exists().where(
+                        p.c.id.in_(ids), p.c.request_id == f.c.request_id, p.c.row == f.c.row, p.c.model == f.c.model)))
+                    conn.execute(sa.delete(p).where(p.c.id.in_(ids)))
+            total += len(ids)
+            if len(ids) < chunk:
                 return total
 
 
@@ -620,7 +732,14 @@ class Recorder:
     started by the first offer() of each process (a forked child starts its own and forgets the
     parent's queue), batches rows into the database. A batch the database refuses is dropped and
     counted (``db_error``); reconnection backs off up to 30 s, and while the database is failing
-    rows that do not fit in the queue are counted as ``db_error`` too (``queue_full`` otherwise).
+    rows that do not fit in the queue are counted as ``db_error`` too (``queue_full`` otherwise), and
+    while it backs off after a failure offer() drops at once (``db_error``) instead of filling the queue.
+    The queue is bounded by rows (``max_queue``) and by the estimated bytes of the requests it holds
+    (``max_queue_bytes``, 64 MB: large string inputs), ``queue_full`` past either. Rows whose
+    (request_id, row, model) is already stored are not written again (``duplicate``). PostgreSQL writes
+    fail after ``statement_timeout``/``lock_timeout`` seconds (5): a locked table costs rows
+    (``db_error``), never a writer stuck behind a VACUUM FULL. A SQLite file deleted or replaced under
+    it is noticed every cycle (one os.stat) and created again. It prunes only the models it captured.
 
     The writer runs inside the serving process and needs its interpreter lock, so its CPU time is
     taken from predictions: it is paced to ``max_cpu_share`` of one core (after a batch that took
@@ -631,8 +750,11 @@ class Recorder:
 
     def __init__(self, url: str | None, host: str, max_queue: int = 10000, flush_interval: float = 0.5,
                  batch_rows: int = 1000, max_age_seconds: float | None = 30 * 86400, max_rows: int | None = 1_000_000,
-                 prune_every: float = 600, max_cpu_share: float = 0.05):
+                 prune_every: float = 600, max_cpu_share: float = 0.05, max_queue_bytes: int | None = MAX_QUEUE_BYTES,
+                 statement_timeout: float | None = WRITE_TIMEOUT, lock_timeout: float | None = WRITE_TIMEOUT):
         self.url = db_url(url)
+        self.max_queue_bytes = None if not max_queue_bytes else int(max_queue_bytes)
+        self.statement_timeout, self.lock_timeout = statement_timeout, lock_timeout
         self.shown = redact(self.url)
         self.host = str(host)[:255]
         self.max_queue = int(max_queue)
@@ -651,7 +773,10 @@ class Recorder:
         self._lock = threading.Lock()
         self._items: collections.deque = collections.deque()
         self._queued = 0
+        self._queued_bytes = 0
         self._inflight = 0
+        self._models: set = set()  # the models this process offered rows for: the ones it prunes
+        self._backing_off_until = 0.0  # monotonic: offers are dropped (db_error) until then
         self._captured = 0
         self._dropped = dict.fromkeys(DROP_REASONS, 0)
         self._failing = False
@@ -677,15 +802,21 @@ class Recorder:
             if self._pid != os.getpid():
                 self._forked()
             n = len(predictions) if hasattr(predictions, "__len__") else 1
-            item = (time.time(), model, version, request_id, features, X, predictions, latency_ms, n)
+            size = _size(X) + _size(predictions)
+            item = (time.time(), model, version, request_id, features, X, predictions, latency_ms, size, n)
             with self._lock:
                 if self._closed:
                     return
-                if self._queued + n > self.max_queue:
+                if self._failing and time.monotonic() < self._backing_off_until:
+                    self._dropped["db_error"] += n  # the database failed just now: do not hold rows for it
+                    return
+                if self._queued + n > self.max_queue or (
+                        self.max_queue_bytes is not None and self._queued_bytes + size > self.max_queue_bytes):
                     self._dropped["db_error" if self._failing else "queue_full"] += n
                     return
                 self._items.append(item)
                 self._queued += n
+                self._queued_bytes += size
                 start = self._thread is None
                 if start:
                     self._thread = threading.Thread(target=self._run, name="mlpipe-capture", daemon=True)
@@ -716,6 +847,7 @@ class Recorder:
             if not alive or time.monotonic() > deadline:
                 return False
             self._retry_now = True
+            self._backing_off_until = 0.0
             self._hurry.set()
             self._wake.set()
             time.sleep(0.02)
@@ -737,13 +869,15 @@ class Recorder:
 
     # -- the writer thread ----------------------------------------------------------------------
     def _take(self) -> list:
-        batch, rows = [], 0
+        batch, rows, size = [], 0, 0
         with self._lock:
             while self._items and (not batch or rows + self._items[0][-1] <= self.batch_rows):
                 item = self._items.popleft()
                 batch.append(item)
                 rows += item[-1]
+                size += item[-2]
             self._queued -= rows
+            self._queued_bytes -= size
             self._inflight = rows
         return batch
 
@@ -752,7 +886,7 @@ class Recorder:
         request at a time (see ``_inputs_json``)."""
         out, invalid = [], 0
         host = self.host
-        for ts, model, version, request_id, features, X, preds, latency_ms, n in batch:
+        for ts, model, version, request_id, features, X, preds, latency_ms, _size_, n in batch:
             try:
                 if not isinstance(request_id, str) or not request_id or len(request_id) > 64:
                     raise ValueError("bad request id")
@@ -762,6 +896,7 @@ class Recorder:
                 if len(values) != len(inputs):
                     raise ValueError("rows and predictions differ")
                 model, version = str(model)[:64], int(version)
+                self._models.add(model)
                 latency_ms = None if latency_ms is None else float(latency_ms)
                 out += [(request_id, i, model, version, host, ts, latency_ms, inp, pred)
                         for i, (inp, pred) in enumerate(zip(inputs, values))]
@@ -801,10 +936,14 @@ class Recorder:
                     break
                 cpu = time.thread_time()
                 rows, invalid = self._rows(batch)
+                if self._store is not None and self._store.file_replaced():  # one os.stat per batch
+                    log.warning("capture: the SQLite file %s was deleted or replaced: creating it again (rows "
+                                "written to the old file since it went are lost)", self.shown)
                 try:
                     if self._store is None:
-                        self._store = Store(self.url)
-                    self._store.write_tuples(rows)
+                        self._store = Store(self.url, statement_timeout=self.statement_timeout,
+                                            lock_timeout=self.lock_timeout)
+                    inserted = self._store.write_tuples(rows)
                 except Exception as exc:
                     state["error"] = str(exc)
                     with self._lock:
@@ -814,12 +953,14 @@ class Recorder:
                         self._failing = True
                     state["backoff"] = min(MAX_BACKOFF, state["backoff"] * 2 or 1.0)
                     state["retry_at"] = time.monotonic() + state["backoff"]
+                    self._backing_off_until = state["retry_at"]
                     if self._store is not None:
                         self._store.engine.dispose()
                         self._store._schema = False  # look at the tables again (a database rebuilt empty)
                     break
                 with self._lock:
-                    self._captured += len(rows)
+                    self._captured += inserted
+                    self._dropped["duplicate"] += len(rows) - inserted  # a request id already captured for the model
                     self._dropped["invalid"] += invalid
                     self._inflight = 0
                     recovered, self._failing = self._failing, False
@@ -832,8 +973,8 @@ class Recorder:
                     and (self.max_age_seconds is not None or self.max_rows is not None)):
                 state["next_prune"] = time.monotonic() + self.prune_every
                 cpu = time.thread_time()
-                try:
-                    n = self._store.prune(self.max_age_seconds, self.max_rows)
+                try:  # only the models served here: others in a shared database have their own settings
+                    n = sum(self._store.prune(self.max_age_seconds, self.max_rows, model=m) for m in sorted(self._models))
                     if n:
                         log.info("capture: pruned %d captured predictions from %s", n, self.shown)
                 except Exception as exc:
@@ -856,9 +997,11 @@ class Recorder:
         with self._lock:
             dropped = dict(self._dropped)
         why = {"db_error": f"the capture database failed: {error}; predictions are unaffected, check {self.shown}",
-               "queue_full": f"the capture queue ({self.max_queue} rows) is full: {self.shown} is slower than the "
+               "queue_full": f"the capture queue ({self.max_queue} rows, {self.max_queue_bytes or 0} bytes) is full: {self.shown} is slower than the "
                              "traffic; lower capture_sample or speed up the database",
-               "invalid": "the rows could not be converted for the database"}
+               "invalid": "the rows could not be converted for the database",
+               "duplicate": "their request id and row were already captured for the model (a client reusing "
+                            "X-Request-Id)"}
         for reason in DROP_REASONS:
             new = dropped[reason] - logged[reason]
             if new > 0 and now - last_log[reason] >= LOG_EVERY:

@@ -116,28 +116,32 @@ def predictions_list(model, since, limit, labelled, db, as_json):
 @click.option("--max-age", default=MAX_AGE_DEFAULT, show_default=True,
               help="Delete what is older than this (90s, 30m, 6h, 30d, 1w).")
 @click.option("--max-rows", default=MAX_ROWS_DEFAULT, show_default=True, type=click.IntRange(0),
-              help="Keep at most this many captured predictions per model (the newest).")
+              help="Keep at most this many captured predictions per model (the newest); 0: no row limit.")
+@click.option("--model", default=None, metavar="NAME",
+              help="Prune only this model's predictions and labels [default: every model in the database].")
 @_db_option
 @_json_option
-def predictions_prune(max_age, max_rows, db, as_json):
+def predictions_prune(max_age, max_rows, model, db, as_json):
     """Delete old captured predictions and labels (the servers do this every 10 minutes by
-    themselves, with their capture_max_age and capture_max_rows settings).
+    themselves, for the models they serve, with their capture_max_age and capture_max_rows
+    settings). A label goes with its prediction, or by age when it has none.
 
     \b
     Example:
-      mlpipe predictions prune --max-age 7d --max-rows 200000
+      mlpipe predictions prune --max-age 7d --max-rows 200000 --model credit-risk
     """
     age = _seconds(max_age, "--max-age")
     store = _store(db)
     try:
-        deleted = store.prune(age, max_rows)
+        deleted = store.prune(age, max_rows or None, model=model)
     finally:
         store.close()
     if as_json:
-        _out({"deleted": deleted, "max_age_seconds": age, "max_rows": max_rows})
+        _out({"deleted": deleted, "max_age_seconds": age, "max_rows": max_rows or None, "model": model})
     else:
-        click.echo(f"deleted {deleted} captured predictions older than {max_age} or beyond {max_rows} per model "
-                   f"from {store.shown}")
+        rows = f"beyond {max_rows} per model" if max_rows else "any number (no row limit)"
+        click.echo(f"deleted {deleted} captured predictions older than {max_age} or {rows}"
+                   f"{' of ' + model if model else ''} from {store.shown}")
 
 
 @click.group()

@@ -2,6 +2,7 @@
 tests (tests/postgres.py). No timing assertions: waits poll with generous deadlines."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -292,7 +293,7 @@ def test_recorder_captures_off_the_request_path(db):
         X = pd.DataFrame({"mean radius": [1.5], "mean texture": ["x"]})  # a DataFrame works too
         rec.offer("credit-risk", 3, "frame", FEATURES, X, ["benign"], 1.0)
         assert rec.flush(60)
-        assert rec.stats() == {"captured": 101, "dropped": {"queue_full": 0, "db_error": 0, "invalid": 0}, "queued": 0}
+        assert rec.stats() == {"captured": 101, "dropped": {"queue_full": 0, "db_error": 0, "invalid": 0, "duplicate": 0}, "queued": 0}
     finally:
         assert rec.close(30)
     recs = capture.Store(db).records("credit-risk")
@@ -370,7 +371,8 @@ def test_locked_postgresql_fills_the_queue_then_recovers(pg_server):
     conn = engine.connect()
     trans = conn.begin()
     conn.execute(sa.text("LOCK TABLE mlpipe_predictions IN ACCESS EXCLUSIVE MODE"))
-    rec = capture.Recorder(url, host="h", flush_interval=0.05, max_queue=100, batch_rows=10)
+    rec = capture.Recorder(url, host="h", flush_interval=0.05, max_queue=100, batch_rows=10, lock_timeout=None,
+                           statement_timeout=None)  # waits as long as the lock is held
     try:
         offer(rec, "first")  # the writer takes it and waits on the lock
         wait_for(lambda: _waiting_on_lock(engine), what="the writer to wait on the table lock")
@@ -385,7 +387,7 @@ def test_locked_postgresql_fills_the_queue_then_recovers(pg_server):
         engine.dispose()
     try:
         assert rec.flush(60)
-        assert rec.stats() == {"captured": 102, "dropped": {"queue_full": 500, "db_error": 0, "invalid": 0}, "queued": 0}
+        assert rec.stats() == {"captured": 102, "dropped": {"queue_full": 500, "db_error": 0, "invalid": 0, "duplicate": 0}, "queued": 0}
         assert store.count("credit-risk") == 103
     finally:
         rec.close(30)
@@ -410,11 +412,16 @@ def test_locked_sqlite_file_costs_rows_not_requests(tmp_path):
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+    sent = [40]
+
+    def offer_and_check():  # while the writer backs off, offers are dropped at once (db_error)
+        offer(rec, f"after{sent[0]}")
+        sent[0] += 2
+        return rec.flush(1) and rec.stats()["captured"] > 0
     try:
-        offer(rec, "after")
-        wait_for(lambda: (rec.flush(1) and rec.stats()["captured"] > 0), what="recovery after the lock")
+        wait_for(offer_and_check, what="recovery after the lock")
         stats = rec.stats()
-        assert stats["captured"] + stats["dropped"]["db_error"] == 42
+        assert stats["captured"] + stats["dropped"]["db_error"] == sent[0]
         assert capture.Store(url).count("credit-risk") == 1 + stats["captured"]
     finally:
         rec.close(30)
@@ -434,13 +441,17 @@ def test_postgresql_stopped_mid_run_then_back(pg_server, caplog):
             assert rec.stats()["captured"] == 2
         finally:
             pg_server.start()
+        sent = [0]
+
+        def offer_and_check():  # while the writer backs off, offers are dropped at once (db_error)
+            offer(rec, f"after{sent[0]}")
+            sent[0] += 1
+            return rec.flush(1) and capture.Store(url).count("credit-risk", since=0) > 2
         with caplog.at_level("WARNING", logger="mlpipe.capture"):
-            offer(rec, "after")
-            wait_for(lambda: rec.flush(1) and capture.Store(url).count("credit-risk", since=0) > 2 and
-                     any(r.request_id == "after" for r in _request_ids(url)), what="capture to resume")
+            wait_for(offer_and_check, what="capture to resume")
         assert any("reachable again" in r.getMessage() for r in caplog.records)
         stats = rec.stats()
-        assert stats["captured"] + stats["dropped"]["db_error"] + stats["dropped"]["queue_full"] == 2 + 200 + 2
+        assert stats["captured"] + stats["dropped"]["db_error"] + stats["dropped"]["queue_full"] == 2 + 200 + 2 * sent[0]
     finally:
         rec.close(30)
 
@@ -494,11 +505,11 @@ def test_recorder_after_fork(db):
             report = json.loads(f.read() or "{}")
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, report
-        assert report["before"] == {"captured": 0, "dropped": {"queue_full": 0, "db_error": 0, "invalid": 0}, "queued": 0}
+        assert report["before"] == {"captured": 0, "dropped": {"queue_full": 0, "db_error": 0, "invalid": 0, "duplicate": 0}, "queued": 0}
         assert report["ok"] and report["after"]["captured"] == 2
         offer(rec, "parent-2")  # the parent's writer and connections survived the child
         assert rec.flush(60)
-        assert rec.stats() == {"captured": 4, "dropped": {"queue_full": 0, "db_error": 0, "invalid": 0}, "queued": 0}
+        assert rec.stats() == {"captured": 4, "dropped": {"queue_full": 0, "db_error": 0, "invalid": 0, "duplicate": 0}, "queued": 0}
     finally:
         rec.close(30)
     assert sorted({r["request_id"] for r in capture.Store(db).records("credit-risk")}) == ["child-1", "parent-1", "parent-2"]
@@ -609,7 +620,7 @@ def test_predictions_prune_command(captured):
     capture.Store(captured).write([row("ancient", ts=time.time() - 90 * 86400)])
     r = invoke(predictions, ["prune", "--json"], captured)
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output) == {"deleted": 1, "max_age_seconds": 30 * 86400, "max_rows": 1_000_000}
+    assert json.loads(r.output) == {"deleted": 1, "max_age_seconds": 30 * 86400, "max_rows": 1_000_000, "model": None}
     r = invoke(predictions, ["prune", "--max-rows", "1"], captured)
     assert r.output.startswith("deleted 2 captured predictions older than 30d or beyond 1 per model")
 
@@ -687,3 +698,157 @@ def test_predictions_source_refuses_labels_that_mix_numbers_and_text(tmp_path, m
     store.attach_labels("toy", [("r5", 0, 1.0)], "test")  # corrected: a later label replaces the earlier one
     frame = data.load("predictions:toy?labelled=true&target=y").frame
     assert frame["y"].dtype == "int64" and frame["y"].tolist() == [0, 1, 0, 1, 0, 1]
+
+
+# -- issue 11 review: retention per model, keys with the model, timeouts, a deleted file, bytes ---
+def test_prune_is_per_model_and_labels_go_with_their_predictions(db):
+    store = capture.Store(db)
+    now = time.time()
+    store.write([row(f"a{i}", model="a", ts=now - 100 + i) for i in range(10)]
+                + [row(f"b{i}", model="b", ts=now - 100 + i) for i in range(10)])
+    store.attach_labels("b", [(f"b{i}", 0, i) for i in range(10)], source="one load")  # one timestamp
+    assert store.prune(None, 3, model="a") == 7
+    assert store.count("a") == 3 and store.count("b") == 10
+    assert store.prune(None, 4) == 6  # every model
+    kept = store.predictions("b")
+    assert sorted(kept["request_id"]) == [f"b{i}" for i in range(6, 10)]
+    assert sorted(kept["label"]) == [6, 7, 8, 9] and labels_in(db) == 4  # the kept rows keep their labels
+    assert store.prune(None, 0) == 0  # 0: no row limit
+    assert store.prune(3600, None, model="a") == 0 and store.count("a") == 3
+
+
+def test_recorder_prunes_only_its_own_models(tmp_path):
+    url = f"sqlite:///{tmp_path}/c.db"
+    capture.Store(url).write([row(f"other{i}", model="other") for i in range(10)])
+    rec = capture.Recorder(url, host="h", flush_interval=0.05, max_age_seconds=3600, max_rows=2, prune_every=0.1)
+    try:
+        for i in range(5):
+            offer(rec, f"new{i}", n=1)
+        wait_for(lambda: rec.flush(1) and capture.Store(url).count("credit-risk") == 2, what="the prune")
+        assert capture.Store(url).count("other") == 10
+    finally:
+        rec.close(30)
+
+
+def test_predictions_prune_command_per_model_and_max_rows_0(captured):
+    capture.Store(captured).write([row("m1", model="m"), row("m2", model="m")])
+    r = invoke(predictions, ["prune", "--max-rows", "0"], captured)
+    assert r.exit_code == 0 and "no row limit" in r.output
+    assert capture.Store(captured).count("credit-risk") == 3 and capture.Store(captured).count("m") == 2
+    r = invoke(predictions, ["prune", "--max-rows", "1", "--model", "m", "--json"], captured)
+    assert json.loads(r.output)["deleted"] == 1 and json.loads(r.output)["model"] == "m"
+    assert capture.Store(captured).count("credit-risk") == 3 and capture.Store(captured).count("m") == 1
+    r = invoke(predictions, ["prune", "--help"], captured)
+    assert "0: no row limit" in r.output and "--model" in r.output
+
+
+def test_one_request_id_for_two_models(db):
+    store = capture.Store(db)
+    assert store.write([row("gw-1", model="a", prediction=1), row("gw-1", model="b", prediction=2)]) == 2
+    assert store.write([row("gw-1", model="a", prediction=9)]) == 0  # already captured: kept as it was
+    assert store.attach_labels("a", [("gw-1", 0, 1)], source="t")["matched"] == 1
+    assert store.attach_labels("b", [("gw-1", 0, 0)], source="t")["matched"] == 1
+    assert [(r["prediction"], r["label"]) for r in store.records("a")] == [(1, 1)]
+    assert [(r["prediction"], r["label"]) for r in store.records("b")] == [(2, 0)]
+    rec = capture.Recorder(db, host="h", flush_interval=0.05)
+    try:
+        offer(rec, "twice", model="a")
+        offer(rec, "twice", model="b")
+        assert rec.flush(60)
+        offer(rec, "twice", model="a")  # a client reusing its id: not captured again
+        assert rec.flush(60)
+        assert rec.stats()["captured"] == 4 and rec.stats()["dropped"]["duplicate"] == 2
+    finally:
+        rec.close(30)
+
+
+@pytest.mark.parametrize("table", ["mlpipe_predictions", "mlpipe_feedback"])
+def test_tables_of_a_pre_release_mlpipe_are_refused(db, table):
+    old = sa.MetaData()
+    for t in (capture.predictions_table, capture.feedback_table):
+        t.to_metadata(old)
+    if table == "mlpipe_predictions":
+        t = old.tables[table]
+        t.constraints = {c for c in t.constraints if not isinstance(c, sa.UniqueConstraint)}
+        t.append_constraint(sa.UniqueConstraint("request_id", "row", name="uq_mlpipe_predictions_request_row"))
+    else:
+        old.remove(old.tables[table])
+        sa.Table(table, old, sa.Column("request_id", sa.String(64), primary_key=True),
+                 sa.Column("row", sa.Integer, primary_key=True), sa.Column("model", sa.String(64), nullable=False),
+                 sa.Column("label", sa.Text, nullable=False), sa.Column("ts", sa.Double, nullable=False),
+                 sa.Column("source", sa.String(255), nullable=False))
+    store = capture.Store(db)
+    if store.sqlite_path is not None:
+        store.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+    old.create_all(store.engine)
+    store.close()
+    with pytest.raises(UsageError, match=f"table {table} is keyed on .* pre-release mlpipe") as info:
+        capture.Store(db).count("credit-risk")
+    assert "drop or rename the table" in info.value.hint
+
+
+def test_locked_postgresql_times_out(pg_server):
+    """LOCK TABLE ... ACCESS EXCLUSIVE (what VACUUM FULL takes): readers, labels and the Recorder's
+    writes fail after their lock timeout instead of waiting for ever."""
+    url = pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+    capture.Store(url).write([row("warm-up")])
+    engine = sa.create_engine(capture.Store(url).engine.url)
+    conn = engine.connect()
+    trans = conn.begin()
+    conn.execute(sa.text("LOCK TABLE mlpipe_predictions IN ACCESS EXCLUSIVE MODE"))
+    store = capture.Store(url, lock_timeout=0.5)
+    rec = capture.Recorder(url, host="h", flush_interval=0.05, lock_timeout=0.5)
+    try:
+        with pytest.raises(NotReady, match="lock timeout") as info:
+            store.predictions("credit-risk")
+        assert "docs/runbooks/capture-database.md" in info.value.hint
+        with pytest.raises(NotReady, match="lock timeout"):
+            store.attach_labels("credit-risk", [("warm-up", 0, 1)], source="t")
+        offer(rec, "locked")
+        wait_for(lambda: rec.stats()["dropped"]["db_error"] == 2, what="the writer's lock timeout")
+    finally:
+        trans.rollback()
+        conn.close()
+        engine.dispose()
+        rec.close(5)
+    assert len(store.predictions("credit-risk")) == 1
+
+
+def test_deleted_sqlite_file_is_created_again(tmp_path, caplog):
+    url = f"sqlite:///{tmp_path}/capture.db"
+    rec = capture.Recorder(url, host="h", flush_interval=0.05)
+    try:
+        offer(rec, "before")
+        assert rec.flush(60) and capture.Store(url).count("credit-risk") == 2
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{tmp_path}/capture.db{suffix}")
+        with caplog.at_level("WARNING", logger="mlpipe.capture"):
+            offer(rec, "after")
+            assert rec.flush(60)
+        assert [r["request_id"] for r in capture.Store(url).records("credit-risk")] == ["after", "after"]
+        assert sum("deleted or replaced" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        rec.close(30)
+
+
+def test_queue_is_bounded_by_bytes(tmp_path):
+    """Large requests (400 KB strings) while the writer is stuck on a locked file: the queue holds
+    what fits in max_queue_bytes, the rest is dropped (queue_full)."""
+    url = f"sqlite:///{tmp_path}/capture.db"
+    capture.Store(url).write([row("warm-up")])
+    holder = sqlite3.connect(tmp_path / "capture.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    rec = capture.Recorder(url, host="h", flush_interval=0.05, max_queue_bytes=1_000_000)
+    big = np.array([["x" * 400_000, "y"]], dtype=object)
+    try:
+        rec.offer("credit-risk", 1, "first", FEATURES, big, [1], 1.0)
+        wait_for(lambda: rec.stats()["queued"] == 1 and not rec._items, what="the writer to take the first")
+        for i in range(10):
+            rec.offer("credit-risk", 1, f"r{i}", FEATURES, big, [1], 1.0)
+        stats = rec.stats()
+        assert stats["dropped"]["db_error"] == 0 and stats["queued"] == 1 + 2 and stats["dropped"]["queue_full"] == 8
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        rec.close(30)
