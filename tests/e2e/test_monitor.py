@@ -252,5 +252,8 @@ def test_d_a_stopped_database_costs_captured_rows_not_predictions(fleet, pg):
     from mlpipe import capture
     store = capture.Store(pg.url)
     n = store.count(MODEL)
-    send(fleet.lb_url, original().sample(20, random_state=9))
-    fleet.wait_for(lambda: store.count(MODEL) >= n + 20, timeout=120, every=1)  # capture resumed
+
+    def resumed() -> bool:  # each worker retries the database after its backoff (at most 30 s)
+        send(fleet.lb_url, original().sample(20, random_state=9))
+        return store.count(MODEL) >= n + 20
+    fleet.wait_for(resumed, timeout=180, every=2)  # capture resumed
