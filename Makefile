@@ -98,7 +98,14 @@ test: deps venv
 	.venv-bench/bin/pip install -q mlflow "scikit-learn==$$($(BIN)/python -c 'import sklearn; print(sklearn.__version__)')"
 	touch $@
 
-bench: deps venv .venv-bench/.installed
+# Seldon MLServer (the other OIP v2 server) with its scikit-learn runtime: benchmark-only, its own venv for the same
+# reason. uvloop<0.22: with 0.22+ MLServer 1.7's inference workers die at start (SeldonIO/MLServer#2286)
+.venv-mlserver/.installed: $(VENV)/.installed
+	$(PYTHON) -m venv .venv-mlserver
+	.venv-mlserver/bin/pip install -q mlserver mlserver-sklearn "uvloop<0.22" "scikit-learn==$$($(BIN)/python -c 'import sklearn; print(sklearn.__version__)')"
+	touch $@
+
+bench: deps venv .venv-bench/.installed .venv-mlserver/.installed
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/retrain_skip.py
 	$(BIN)/python benchmarks/onnx_vs_sklearn.py
@@ -106,4 +113,4 @@ bench: deps venv .venv-bench/.installed
 	$(BIN)/python benchmarks/deploy_scaling.py
 
 clean:
-	rm -rf $(VENV) .venv-bench $(DEMO) .mlpipe .pytest_cache
+	rm -rf $(VENV) .venv-bench .venv-mlserver $(DEMO) .mlpipe .pytest_cache
