@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -180,7 +181,13 @@ def test_two_runs_at_once_one_exits_at_the_lock(tmp_path):
     while not lock.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert lock.exists(), first.communicate()[0]
-    second = m.retrain()
+    # the first run is held (SIGSTOP) while the second starts: on a loaded machine a new interpreter's
+    # start-up can outlast the whole first run, and the second would find no lock and nothing new
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = m.retrain()
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     out, _ = first.communicate(timeout=300)
     assert second.returncode == 8, second.stdout + second.stderr
     assert "retrain of churn is running on this host (pid" in second.stderr
