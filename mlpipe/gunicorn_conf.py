@@ -33,6 +33,10 @@ os.environ["MLPIPE_UNDER_GUNICORN"] = "1"
 import flask  # noqa: E402,F401
 import numpy  # noqa: E402,F401
 import prometheus_client  # noqa: E402,F401
+# the capture library (SQLAlchemy: ~0.3 s to import) is imported here too, so a worker does not pay for
+# it at its first sampled request; no engine or connection is made in the master (they would not
+# survive fork): each worker's Recorder opens its own
+import mlpipe.capture  # noqa: E402,F401
 
 
 def on_starting(server):
