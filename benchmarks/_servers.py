@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -47,3 +49,35 @@ def moto_server():
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     with child([_which("moto_server"), "-H", "127.0.0.1", "-p", str(port)], port):
         yield f"http://127.0.0.1:{port}"
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own process group (start_new_session), its workers included."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wrk(url: str, body: str, seconds: int, connections: int, tmp: Path) -> dict:
+    """One wrk run (POST ``body``, Connection: close): req/s, p50/p99 in ms, requests and errors."""
+    script = tmp / "post.lua"
+    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                      'wrk.headers["Connection"] = "close"\n' f"wrk.body = [==[{body}]==]\n")
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+
+    def ms(label):
+        m = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        v = float(m.group(1))
+        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": ms("50%"), "p99": ms("99%"),
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+            "non2xx": int(errors.group(1)) if errors else 0, "socket_errors": sum(map(int, sock.groups())) if sock else 0,
+            "errors": (int(errors.group(1)) if errors else 0) + (sum(map(int, sock.groups())) if sock else 0)}

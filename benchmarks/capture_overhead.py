@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _servers import free_port  # noqa: E402  (also puts tests/ on sys.path)
+from _servers import free_port, stop_group, wrk  # noqa: E402  (also puts tests/ on sys.path)
 
 BIN = Path(sys.executable).parent
 SETTINGS = [("0%", 0.0), ("10%", 0.1), ("100%", 1.0), ("100% db down", 1.0)]
@@ -60,37 +59,8 @@ def start(cmd: list[str], port: int, env: dict, log: Path) -> subprocess.Popen:
         except requests.RequestException:
             pass
         time.sleep(0.05)
-    stop(proc)
+    stop_group(proc)
     raise RuntimeError(f"mlpipe serve not ready on port {port}: {log.read_text()[-1500:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def wrk(url: str, body: str, seconds: int, connections: int, tmp: Path) -> dict:
-    script = tmp / "post.lua"
-    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                      'wrk.headers["Connection"] = "close"\n' f"wrk.body = [==[{body}]==]\n")
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, check=True).stdout
-
-    def ms(label):
-        m = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        v = float(m.group(1))
-        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": ms("50%"), "p99": ms("99%"),
-            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-            "errors": (int(errors.group(1)) if errors else 0) + (sum(map(int, sock.groups())) if sock else 0)}
 
 
 def capture_counts(base: str) -> dict:
@@ -204,7 +174,7 @@ def main() -> None:
                             results.setdefault((label, rows), []).append(res)
                             before = after
                     finally:
-                        stop(proc)
+                        stop_group(proc)
                     last = results[(label, row_counts[-1])][-1]
                     print(f"round {rnd + 1}/{args.rounds} {label:<13} " + "  ".join(
                         f"{rows} row(s) {results[(label, rows)][-1]['rps']:.0f} req/s" for rows in row_counts)

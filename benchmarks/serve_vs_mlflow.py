@@ -41,8 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,7 +52,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _servers import free_port  # noqa: E402
+from _servers import free_port, stop_group, wrk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -106,37 +104,8 @@ def start(cmd: list[str], url: str, env: dict, log: Path, cwd: Path | None = Non
         except requests.RequestException:
             pass
         time.sleep(0.05)
-    stop(proc)
+    stop_group(proc)
     raise RuntimeError(f"{cmd} not ready: {log.read_text()[-1500:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def wrk(url: str, body: str, seconds: int, connections: int, tmp: Path) -> dict:
-    script = tmp / "post.lua"
-    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                      'wrk.headers["Connection"] = "close"\n' f"wrk.body = [==[{body}]==]\n")
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, check=True).stdout
-
-    def ms(label):
-        m = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        v = float(m.group(1))
-        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": ms("50%"), "p99": ms("99%"),
-            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-            "non2xx": int(errors.group(1)) if errors else 0, "socket_errors": sum(map(int, sock.groups())) if sock else 0}
 
 
 def group_cpu(pgid: int) -> float:
@@ -265,7 +234,7 @@ def main() -> None:
                             r["cpu_us"] = (group_cpu(proc.pid) - cpu) / max(r["requests"], 1) * 1e6
                             results.setdefault((label, server, proto, rows), []).append(r)
                 finally:
-                    stop(proc)
+                    stop_group(proc)
             print(f"round {rnd + 1}/{args.rounds} done, load average {loadavg()}", file=sys.stderr)
 
     def agg(key):
