@@ -22,12 +22,12 @@ from mlpipe.serve.invocations import columns_to_matrix, parse_invocations, recor
 from mlpipe.serve.model import LAST_GOOD, LoadedModel, ModelSlot
 from mlpipe.serve.oip import parse_infer
 from mlpipe.serve.prometheus import LATENCY_BUCKETS, VALUE_BUCKETS, _observe_many, metrics, render_metrics  # noqa: F401
-from mlpipe.serve.recording import (DEFAULT_CAPTURE_RETENTION, DEFAULT_CAPTURE_SAMPLE, REQUEST_ID_RE, Capture,
+from mlpipe.serve.recording import (REQUEST_ID_RE, Capture,
                                     parse_feedback, request_id)
 from mlpipe.serve.routes import ROUTES, Route, match, route_label
 from mlpipe.serve.validation import to_matrix
 
-__all__ = ["DEFAULTS", "DEFAULT_CAPTURE_RETENTION", "DEFAULT_CAPTURE_SAMPLE", "ENV", "LAST_GOOD", "LATENCY_BUCKETS",
+__all__ = ["DEFAULTS", "ENV", "LAST_GOOD", "LATENCY_BUCKETS",
            "REQUEST_ID_RE", "ROUTES", "VALUE_BUCKETS", "Capture", "Edge", "LoadedModel", "ModelSlot", "Route",
            "authorized", "columns_to_matrix", "create_app", "load_config", "match", "metrics", "parse_feedback",
            "parse_infer", "parse_invocations", "records_to_matrix", "render_metrics", "request_id", "route_label",

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from mlpipe.errors import MlpipeError, PayloadTooLarge
+from mlpipe.spec import CAPTURE_DEFAULTS
 from mlpipe.serve.model import LoadedModel
 from mlpipe.serve.prometheus import metrics
 from mlpipe.serve.validation import bad
@@ -20,8 +21,6 @@ from mlpipe.serve.validation import bad
 log = logging.getLogger("mlpipe.serve")
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-DEFAULT_CAPTURE_SAMPLE = 0.1   # when neither the server nor the served version's spec (capture.sample) says
-DEFAULT_CAPTURE_RETENTION = {"max_age": 30 * 86400, "max_rows": 1_000_000}   # the same, for capture.max_age/max_rows
 
 
 def request_id(given: str | None) -> str:
@@ -51,7 +50,7 @@ class Capture:
         s = m.spec_sample
         if isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 1:
             return float(s)
-        return DEFAULT_CAPTURE_SAMPLE
+        return float(CAPTURE_DEFAULTS["sample"])  # neither the host nor the version's spec says
 
     def retention(self, m: LoadedModel) -> tuple[int, int]:
         """(max age in seconds, max rows per model): the host's settings, else the served version's spec."""
@@ -65,7 +64,7 @@ class Capture:
                 age = None
         if rows is None and isinstance(spec.get("max_rows"), int) and spec["max_rows"] > 0:
             rows = spec["max_rows"]
-        return (age or DEFAULT_CAPTURE_RETENTION["max_age"], rows or DEFAULT_CAPTURE_RETENTION["max_rows"])
+        return (age or parse_duration(CAPTURE_DEFAULTS["max_age"]), rows or CAPTURE_DEFAULTS["max_rows"])
 
     def recorder(self, m: LoadedModel):
         if self._recorder is None and not self._broken:
@@ -114,9 +113,12 @@ class Capture:
                 log.error("prediction capture: rows still queued at exit were lost: %s", exc)
 
     def store(self):
+        """The store POST /feedback writes to: with the writer's short PostgreSQL timeouts, since a
+        sync worker waiting on a locked table is a worker that serves no prediction."""
         if self._store is None:
             from mlpipe import capture
-            self._store = capture.Store(capture.db_url(self.url))
+            self._store = capture.Store(capture.db_url(self.url), statement_timeout=capture.WRITE_TIMEOUT,
+                                        lock_timeout=capture.WRITE_TIMEOUT)
         return self._store
 
 
