@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -38,15 +39,24 @@ CRON_USER = "mlpipe"
 
 # ------------------------------------------------------------------------------------ fixtures
 class Syslog:
-    """A datagram socket at /dev/log: what cron logs (``(mlpipe) CMD (<command>)`` per job it starts)."""
+    """A datagram socket cron logs to: ``(mlpipe) CMD (<command>)`` per job it starts.
 
-    def __init__(self):
-        if os.path.exists(DEV_LOG):
-            pytest.fail(f"{DEV_LOG} exists (a syslog daemon runs?): this test listens there for cron's CMD lines; "
-                        "stop it or run the test where nothing owns /dev/log")
+    cron logs through syslog(3), i.e. to /dev/log. A socket left there by an interrupted run (nobody
+    answers: ECONNREFUSED) is removed and taken. When a live syslog daemon owns /dev/log, ours is bound
+    elsewhere and cron alone sees it at /dev/log through a private mount namespace (``crond`` below).
+    """
+
+    def __init__(self, tmp: Path):
+        self.private = False
+        if os.path.lexists(DEV_LOG):
+            if stat.S_ISSOCK(os.lstat(DEV_LOG).st_mode) and not _live_socket(DEV_LOG):
+                os.unlink(DEV_LOG)  # stale: left by a run that was killed before its teardown
+            else:
+                self.private = True  # a live daemon's socket, or a link to one (journald): not ours to take
+        self.path = str(tmp / "cron-syslog.sock") if self.private else DEV_LOG
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(DEV_LOG)
-        os.chmod(DEV_LOG, 0o666)
+        self.sock.bind(self.path)
+        os.chmod(self.path, 0o666)
         self.lines: list[str] = []
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -70,14 +80,25 @@ class Syslog:
     def close(self):
         self.sock.close()
         try:
-            os.unlink(DEV_LOG)
+            os.unlink(self.path)
         except FileNotFoundError:
             pass
 
 
+def _live_socket(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:  # ECONNREFUSED: a socket file nobody listens on; ENOTSOCK etc.: not a socket at all
+        return False
+    finally:
+        s.close()
+
+
 @pytest.fixture(scope="module")
-def syslog():
-    s = Syslog()
+def syslog(fleet):
+    s = Syslog(fleet.tmp)
     yield s
     s.close()
 
@@ -88,8 +109,16 @@ def crond(syslog, fleet):
     cron = shutil.which("cron", path="/usr/sbin:/usr/bin:/sbin")
     if not cron:
         pytest.fail("cron is not installed: run 'make test' (it installs the Debian packages the suite needs)")
+    argv = [cron, "-f", "-L", "15"]
+    if syslog.private:
+        # a syslog daemon owns /dev/log: cron gets ours there in a mount namespace of its own
+        unshare = shutil.which("unshare")
+        if not unshare:
+            pytest.fail(f"a syslog daemon owns {DEV_LOG} and unshare(1) is missing: this test reads cron's CMD lines")
+        argv = [unshare, "--mount", "--propagation", "private", "--", "sh", "-c",
+                f'mount --bind "$0" {DEV_LOG} && exec "$@"', syslog.path, *argv]
     log = open(fleet.tmp / "cron.log", "wb")
-    proc = subprocess.Popen([cron, "-f", "-L", "15"], stdout=log, stderr=log)
+    proc = subprocess.Popen(argv, stdout=log, stderr=log)
     time.sleep(1)
     if proc.poll() is not None:
         log.close()
