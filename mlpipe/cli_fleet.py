@@ -214,3 +214,77 @@ def fleet_lb_status(sock, backend, server, missing_ok):
         st["server"] = server
         st["may_drain"] = may_drain(st, server)
     _out(st)
+
+
+@fleet.command("lb-weights")
+@click.option("--socket", "sock", required=True, help="HAProxy's admin socket.")
+@click.option("--backend", required=True)
+@click.option("--canary", "canaries", multiple=True, metavar="SERVER", help="A canary server (repeat for several).")
+@click.option("--share", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=None,
+              help="Percent of the backend's traffic the canaries get together.")
+@click.option("--reset", is_flag=True, help="Give every server its configured weight back.")
+def fleet_lb_weights(sock, backend, canaries, share, reset):
+    """Set HAProxy runtime weights so the canary gets SHARE percent of the live traffic (the other
+    servers that are up keep their proportions), or --reset them to the configured weights (what an
+    interrupted bake leaves behind; every deploy and rollback starts with a reset).
+
+    \b
+    Example:
+      mlpipe fleet lb-weights --socket /srv/mlpipe/run/haproxy.sock --backend mlpipe --canary ms1 --share 10
+      mlpipe fleet lb-weights --socket /srv/mlpipe/run/haproxy.sock --backend mlpipe --reset
+    """
+    from mlpipe.canary import reset_weights, set_canary_weights
+    from mlpipe.errors import UsageError
+    if reset == bool(canaries or share is not None):
+        raise UsageError("give either --canary SERVER --share PERCENT, or --reset")
+    if not reset and (not canaries or share is None):
+        raise UsageError("--canary and --share go together")
+    _out(reset_weights(sock, backend) if reset else set_canary_weights(sock, backend, list(canaries), share))
+
+
+@fleet.command("bake")
+@click.option("--canary", "canaries", multiple=True, required=True, metavar="[NAME=]URL",
+              help="The canary's server URL (repeat for several canaries).")
+@click.option("--baseline", "baselines", multiple=True, metavar="[NAME=]URL",
+              help="A server still on the old version (repeat). None: the canary is judged alone.")
+@click.option("--seconds", type=click.FloatRange(0, min_open=True), required=True, help="How long to bake.")
+@click.option("--interval", type=click.FloatRange(0.1), default=5.0, show_default=True,
+              help="Seconds between scrapes (the bake stops early on an error-rate breach).")
+@click.option("--model", default=None, help="Only count series of this model (servers that label them by model).")
+@click.option("--expect-version", default=None, help="The version the canary must serve all along.")
+@click.option("--max-error-rate-delta", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="Largest allowed difference canary - old of the 5xx share (and of the 4xx share).")
+@click.option("--max-p99-ratio", type=click.FloatRange(1), default=1.5, show_default=True,
+              help="The canary's p99 may be at most old p99 x this + --p99-slack-ms.")
+@click.option("--p99-slack-ms", type=click.FloatRange(0), default=10.0, show_default=True)
+@click.option("--max-prediction-shift", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+              help="Largest total variation distance between the two sides' prediction distributions.")
+@click.option("--min-requests", type=click.IntRange(1), default=50, show_default=True,
+              help="Fewer prediction requests than this on a side: not enough traffic to judge it.")
+@click.option("--quiet", type=click.Choice(["pass", "fail"]), default="pass", show_default=True,
+              help="The verdict when the canary had too little traffic to judge.")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds per /metrics request.")
+@click.option("--progress", is_flag=True, help="A line on stderr at every scrape.")
+def fleet_bake(canaries, baselines, seconds, interval, model, expect_version, max_error_rate_delta, max_p99_ratio,
+               p99_slack_ms, max_prediction_shift, min_requests, quiet, timeout, progress):
+    """Watch a canary on live traffic for SECONDS and compare its error rate, p99 latency and
+    prediction distribution (from each host's /metrics) with the hosts still on the old version.
+    Prints both sides' figures and the verdict as JSON; exit 1 on a breach (the reason on stderr).
+    Bearer token from env MLPIPE_TOKEN.
+
+    \b
+    Example:
+      mlpipe fleet bake --canary ms1=http://10.0.1.11:8000 --baseline ms2=http://10.0.1.12:8000 \\
+          --baseline ms3=http://10.0.1.13:8000 --seconds 300 --expect-version 5
+    """
+    from mlpipe.canary import bake, message
+    from mlpipe.errors import GateFailed
+    limits = {"max_error_rate_delta": max_error_rate_delta, "max_p99_ratio": max_p99_ratio, "p99_slack_ms": p99_slack_ms,
+              "max_prediction_shift": max_prediction_shift, "min_requests": min_requests, "quiet": quiet}
+    report = bake(list(canaries), list(baselines), seconds, token=os.environ.get("MLPIPE_TOKEN") or None, model=model,
+                  expect_version=expect_version, limits=limits, interval=interval, timeout=timeout,
+                  log=(lambda m: click.echo(m, err=True)) if progress else None)
+    report["message"] = message(report)
+    _out(report)
+    if not report["passed"]:
+        raise GateFailed(report["message"])
