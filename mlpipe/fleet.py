@@ -208,7 +208,8 @@ def _get_json(url: str, token: str | None, timeout: float = 3) -> tuple[int | No
 def answers(url: str, token: str | None) -> dict:
     """What the server at ``url`` says it serves: {status, version, ready, load_error}."""
     status, meta = _get_json(f"{url.rstrip('/')}/metadata", token)
-    out = {"status": status, "version": None, "load_error": meta.get("load_error"), "error": meta.get("error")}
+    out = {"status": status, "version": None, "load_error": meta.get("load_error"), "error": meta.get("error"),
+           "follows": bool(meta.get("follows_current"))}
     if status == 200:
         out["version"] = int(meta["version"]) if str(meta.get("version", "")).isdigit() else None
     elif status == 401:
@@ -255,13 +256,37 @@ def _local_copy(directory: Path, model: str, version: int) -> bool:
     return m.get("name") == model and int(m.get("version", -1)) == version
 
 
+def served_versions(url: str, token: str | None) -> set | None:
+    """The versions the server's workers serve now (``mlpipe_model_info`` at 1 in ``/metrics``: one
+    worker still on the old version keeps it there); None when ``/metrics`` cannot be read."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+    try:
+        r = requests.get(f"{url.rstrip('/')}/metrics", timeout=3,
+                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        if r.status_code != 200:
+            return None
+        out = set()
+        for family in text_string_to_metric_families(r.text):
+            if family.name == "mlpipe_model_info":
+                out |= {s.labels.get("version") for s in family.samples if s.value >= 1}
+        return {int(v) for v in out if str(v).isdigit()}
+    except (requests.RequestException, ValueError):
+        return None
+
+
 def wait_for_version(url: str, version: int, token: str | None, timeout: float) -> dict:
+    """Until the server answers with ``version`` and none of its workers serves another one (workers
+    follow a switch each on its own, within a fraction of a second of each other)."""
     deadline = time.monotonic() + timeout
     seen: dict = {}
     while True:
         seen = answers(url, token)
         if seen["status"] == 200 and seen["version"] == version:
-            return seen
+            workers = served_versions(url, token)
+            if workers is None or workers <= {version}:
+                return seen
+            seen = {**seen, "version": min(workers - {version}), "others": sorted(workers - {version})}
         if time.monotonic() > deadline:
             break
         time.sleep(0.25)
@@ -320,7 +345,10 @@ def activate(directory: Path, model: str, version: int, *, registry=None, keep: 
         if state != "RUNNING":
             raise NotReady(service.describe(state, host or "this host") + f"; its links now point at v{version}",
                            hint="start it with playbooks/site.yml")
-        if switched or (url and answers(url, token).get("version") != version):
+        seen = answers(url, token) if url else {}
+        if switched and seen.get("follows"):
+            out["reloaded"] = False  # its workers follow the link: no reload, no worker restarted
+        elif switched or (url and seen.get("version") != version):
             service.reload()
             out["reloaded"] = True
     if url:

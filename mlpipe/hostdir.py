@@ -62,7 +62,7 @@ def nothing_active(directory: Path) -> str:
     """Why a model folder has nothing to serve, and the command that fixes it (for a server's "not
     ready" answers and for ``models pull`` without ``--activate``)."""
     directory = Path(directory)
-    reload = "then reload the server (mlpipe reload --pidfile PIDFILE, or restart it)"
+    reload = "and the server starts serving it within a second (no reload needed)"
     if not directory.is_dir():
         return (f"{directory} does not exist: run `mlpipe models pull NAME@production --dest {directory} --activate`, "
                 f"{reload}")

@@ -35,6 +35,7 @@ def create_app(config: dict | None = None):
     app.config["MAX_CONTENT_LENGTH"] = cfg["max_body_bytes"]
     slot = ModelSlot(Path(cfg["model_dir"]), cfg["require_onnx"])
     slot.load()
+    slot.watch()  # a switch of the 'current' link is served without a reload
     app.extensions["mlpipe"] = slot
     tokens = [t.encode() for t in cfg["auth_tokens"]]
     max_rows = cfg["max_rows"]
@@ -46,14 +47,18 @@ def create_app(config: dict | None = None):
         if slot.model is None:
             raise NotReady(f"no model is loaded: {slot.error}",
                            hint=None if hostdir.current(slot.model_dir) is None else
-                           "every candidate version was refused (above): pull and activate a good version, then reload")
+                           "every candidate version was refused (above): pull and activate a good version (the server "
+                           "follows the 'current' link; no reload needed)")
         return slot.model
 
     def json_response(obj, status=200, headers=None):
         resp = Response(json.dumps(obj, default=np_default), status=status, mimetype="application/json")
         if headers:
             resp.headers.update(headers)
-        if slot.model is not None:
+        answered = obj.get("model_version") if status == 200 and isinstance(obj, dict) else None
+        if answered is not None:  # the version that answered, though the slot may have switched since
+            resp.headers["X-Model-Version"] = str(answered)
+        elif slot.model is not None:
             resp.headers["X-Model-Version"] = slot.model.version_label
         return resp
 
@@ -191,7 +196,8 @@ def create_app(config: dict | None = None):
         m = model()
         man = {k: v for k, v in m.manifest.items() if k != "spec"}
         return json_response({**man, "runtime": m.runtime, "model_dir": str(slot.model_dir),
-                              "loaded_at": m.loaded_at, "load_error": slot.error, "pid": os.getpid()})
+                              "loaded_at": m.loaded_at, "load_error": slot.error, "pid": os.getpid(),
+                              "follows_current": slot.watching})
 
     def openapi_doc():
         return json_response(openapi(slot.model))

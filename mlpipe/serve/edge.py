@@ -72,7 +72,11 @@ class Edge:
     def _respond(self, sr, status: int, doc: dict, extra: list | None = None):
         body = json.dumps(doc, default=np_default).encode()
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-        if self.slot.model is not None:
+        # the version that answered (the slot may have switched since the prediction started)
+        answered = doc.get("model_version") if status == 200 else None
+        if answered is not None:
+            headers.append(("X-Model-Version", str(answered)))
+        elif self.slot.model is not None:
             headers.append(("X-Model-Version", self.slot.model.version_label))
         sr(f"{status} {HTTPStatus(status).phrase.upper()}", headers + (extra or []))
         return [body]

@@ -1,10 +1,14 @@
 """What a worker serves: ``LoadedModel`` (one verified, loaded and warmed version, onnxruntime or
-scikit-learn) and ``ModelSlot`` (which version: ``current``, else ``.last-good``, else ``previous``)."""
+scikit-learn) and ``ModelSlot`` (which version: ``current``, else ``.last-good``, else ``previous``;
+and, while it runs, whatever ``current`` is switched to: see ``ModelSlot.watch``)."""
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +114,14 @@ class ModelSlot:
         self.require_onnx = require_onnx
         self.model: LoadedModel | None = None
         self.error: str | None = None
+        self._seen_link: str | None = None   # the 'current' link target the last load looked at
+        self.watching = False
+
+    def _link(self) -> str | None:
+        try:
+            return os.readlink(self.model_dir / "current")
+        except OSError:
+            return None
 
     def _candidates(self) -> list[int]:
         out = []
@@ -133,6 +145,7 @@ class ModelSlot:
             pass
 
     def load(self) -> None:
+        self._seen_link = self._link()
         wanted = hostdir.current(self.model_dir)
         errors = []
         for version in self._candidates():
@@ -153,3 +166,70 @@ class ModelSlot:
             self.model = None
             self.error = "; ".join(errors) or hostdir.nothing_active(self.model_dir)
         metrics().set_model(self.model)
+
+    # -- switching versions without a reload -----------------------------------------------------
+    def watch(self, interval: float = 0.2) -> None:
+        """Follow the ``current`` link in a daemon thread of this process: when it points somewhere
+        new, load and warm that version beside the one serving, then swap them (one reference
+        assignment: a request in flight finishes on the version it started with). A version that
+        fails to load is not swapped in: the old one keeps answering and ``error`` (``/metadata``'s
+        ``load_error``) says why, until the link changes again. No link at all: nothing is served.
+        A deploy therefore never reloads the server: no worker stops, no request waits for one to
+        start (a gunicorn HUP stops the old workers before the new ones have loaded their model)."""
+        if self.watching:
+            return
+        self.watching = True
+        ref = weakref.ref(self)
+        threading.Thread(target=_follow, args=(ref, interval), name="mlpipe-model-watch", daemon=True).start()
+
+    def follow_once(self) -> bool:
+        """One look at the link; True when it changed (and was acted on)."""
+        link = self._link()
+        if link == self._seen_link:
+            return False
+        self._seen_link = link
+        wanted = hostdir.current(self.model_dir)
+        if wanted is None:
+            if self.model is not None:
+                log.warning("%s has no 'current' version any more: serving nothing", self.model_dir)
+            self.model = None
+            self.error = hostdir.nothing_active(self.model_dir)
+            metrics().set_model(None)
+            return True
+        if self.model is not None and self.model.version == wanted and self.model.path == self.model_dir / str(wanted):
+            self.error = None
+            return True
+        # The load holds the interpreter lock for stretches (reading, verifying, building the
+        # session): with a short switch interval a request waits at most 0.5 ms for it, not 5 ms.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, 0.0005))
+        try:
+            new = LoadedModel.load(self.model_dir / str(wanted), self.require_onnx)
+        except (MlpipeError, OSError, ValueError, KeyError) as exc:
+            metrics().load_failures.labels(version=str(wanted)).inc()
+            old = f"; still serving v{self.model.version}" if self.model is not None else ""
+            self.error = f"v{wanted}: {exc}{old}"
+            log.error("refusing model v%s in %s: %s%s", wanted, self.model_dir, exc, old)
+            return True
+        finally:
+            sys.setswitchinterval(interval)
+        before = self.model
+        self.model, self.error = new, None
+        self._mark_good(wanted)
+        metrics().set_model(new)
+        log.info("serving %s v%s (%s), switched from %s without a reload", new.name, wanted, new.runtime,
+                 f"v{before.version}" if before is not None else "nothing")
+        return True
+
+
+def _follow(ref, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        slot = ref()
+        if slot is None:  # the app that owned it is gone (tests make many)
+            return
+        try:
+            slot.follow_once()
+        except Exception:  # a bug here must not stop this worker from following later switches
+            log.exception("following %s failed", slot.model_dir)
+        del slot
