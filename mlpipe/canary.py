@@ -174,7 +174,7 @@ def judge(canary: dict, old: dict | None, limits: dict) -> dict:
         value = canary[key]
         judged = canary_ok and value is not None
         checks.append({"check": key, "what": what, "canary": value, "old": old[key] if old else None,
-                       "limit": f"+{lim['max_error_rate_delta']:g}", "allowed": (base or 0.0) + lim["max_error_rate_delta"],
+                       "limit": f"+{100 * lim['max_error_rate_delta']:g} points", "allowed": (base or 0.0) + lim["max_error_rate_delta"],
                        "passed": (value <= (base or 0.0) + lim["max_error_rate_delta"]) if judged else None})
     judged = canary_ok and old_ok and canary["p99_ms"] is not None and old["p99_ms"] is not None
     allowed = old["p99_ms"] * lim["max_p99_ratio"] + lim["p99_slack_ms"] if judged else None
@@ -377,7 +377,7 @@ def message(report: dict) -> str:
     """The one line a failed bake says on stderr (and the summary shows)."""
     head = report.get("failure") or (
         "not enough traffic to judge the canary" if report["verdict"] == "not_enough_traffic"
-        else f"the canary breached {', '.join(report['breached'])}")
+        else f"the canary breached {', '.join(report['breached'])}" if report["breached"] else "passed")
     return (f"bake over {report['seconds']:g} s{' (stopped early)' if report.get('stopped_early') else ''}: {head}: "
             f"{describe(report)}")
 

@@ -277,14 +277,14 @@ def fleet_bake(canaries, baselines, seconds, interval, model, expect_version, ma
       mlpipe fleet bake --canary ms1=http://10.0.1.11:8000 --baseline ms2=http://10.0.1.12:8000 \\
           --baseline ms3=http://10.0.1.13:8000 --seconds 300 --expect-version 5
     """
-    from mlpipe.canary import bake, message
+    from mlpipe.canary import bake, describe, message
     from mlpipe.errors import GateFailed
     limits = {"max_error_rate_delta": max_error_rate_delta, "max_p99_ratio": max_p99_ratio, "p99_slack_ms": p99_slack_ms,
               "max_prediction_shift": max_prediction_shift, "min_requests": min_requests, "quiet": quiet}
     report = bake(list(canaries), list(baselines), seconds, token=os.environ.get("MLPIPE_TOKEN") or None, model=model,
                   expect_version=expect_version, limits=limits, interval=interval, timeout=timeout,
                   log=(lambda m: click.echo(m, err=True)) if progress else None)
-    report["message"] = message(report)
+    report["message"], report["figures"] = message(report), describe(report)
     _out(report)
     if not report["passed"]:
         raise GateFailed(report["message"])
