@@ -428,8 +428,11 @@ def evaluate(ref, source, mins, maxs, regs, against, endpoint, model, expect_ver
 
 
 @cli.command()
-@click.option("--model-dir", envvar="MLPIPE_MODEL_DIR", required=True, type=click.Path(file_okay=False),
+@click.option("--model-dir", envvar="MLPIPE_MODEL_DIR", default=None, type=click.Path(file_okay=False),
               help="Folder with pulled versions and a 'current' symlink [env MLPIPE_MODEL_DIR].")
+@click.option("--models-dir", envvar="MLPIPE_MODELS_DIR", default=None, type=click.Path(file_okay=False),
+              help="Serve every model folder under this one, by name (/models/<name>/invocations, "
+                   "/v2/models/<name>/infer); folders added or removed later are picked up [env MLPIPE_MODELS_DIR].")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
 @click.option("--workers", default=None, type=int, help="gunicorn workers [env MLPIPE_WORKERS; default 2].")
@@ -442,19 +445,28 @@ def evaluate(ref, source, mins, maxs, regs, against, endpoint, model, expect_ver
 @click.option("--capture-db", default=None, metavar="URL",
               help="Capture database, a SQLAlchemy URL [env MLPIPE_CAPTURE_DB; default a SQLite file under "
                    "MLPIPE_FLEET_ROOT or ~/.mlpipe].")
-def serve(model_dir, host, port, workers, tokens, require_onnx, pidfile, capture_sample, capture_db):
-    """Serve a model folder over REST with gunicorn (the same server as in production).
+def serve(model_dir, models_dir, host, port, workers, tokens, require_onnx, pidfile, capture_sample, capture_db):
+    """Serve a model folder (or a folder of model folders) over REST with gunicorn (the same server as
+    in production). A switch of a folder's 'current' link is served within a second, without a reload.
 
     \b
     Example:
       mlpipe models pull credit-risk@production --dest /srv/models/credit-risk --activate
       mlpipe serve --model-dir /srv/models/credit-risk --port 8000
+      mlpipe serve --models-dir /srv/models --port 8000      # every model under /srv/models
     """
     import os
     import shutil
     from mlpipe.serve import load_config
     env = os.environ
-    env["MLPIPE_MODEL_DIR"] = str(Path(model_dir).resolve())
+    if bool(model_dir) == bool(models_dir):
+        from mlpipe.errors import UsageError
+        raise UsageError("give --model-dir (one model's folder) or --models-dir (a folder of model folders)",
+                         hint="e.g. mlpipe serve --model-dir /srv/models/credit-risk")
+    for key, value in (("MLPIPE_MODEL_DIR", model_dir), ("MLPIPE_MODELS_DIR", models_dir)):
+        env.pop(key, None)
+        if value:
+            env[key] = str(Path(value).resolve())
     env["MLPIPE_BIND"] = f"{host}:{port}"
     if workers is not None:
         env["MLPIPE_WORKERS"] = str(workers)

@@ -205,9 +205,10 @@ def _get_json(url: str, token: str | None, timeout: float = 3) -> tuple[int | No
         return r.status_code, {"error": r.text[:200]}
 
 
-def answers(url: str, token: str | None) -> dict:
-    """What the server at ``url`` says it serves: {status, version, ready, load_error}."""
-    status, meta = _get_json(f"{url.rstrip('/')}/metadata", token)
+def answers(url: str, token: str | None, model: str | None = None) -> dict:
+    """What the server at ``url`` says it serves (of ``model``, on a multi-model host): {status,
+    version, ready, load_error}."""
+    status, meta = _get_json(f"{url.rstrip('/')}/models/{model}/metadata" if model else f"{url.rstrip('/')}/metadata", token)
     out = {"status": status, "version": None, "load_error": meta.get("load_error"), "error": meta.get("error"),
            "follows": bool(meta.get("follows_current"))}
     if status == 200:
@@ -241,7 +242,7 @@ def host_status(directory: Path, model: str, service: Service | None = None, url
         out["service"] = {"name": service.name, "state": state, "running": state == "RUNNING",
                           "problem": None if state == "RUNNING" else service.describe(state, host or "this host")}
     if url:
-        out["answers"] = answers(url, token)
+        out["answers"] = answers(url, token, model)
     return out
 
 
@@ -256,7 +257,7 @@ def _local_copy(directory: Path, model: str, version: int) -> bool:
     return m.get("name") == model and int(m.get("version", -1)) == version
 
 
-def served_versions(url: str, token: str | None) -> set | None:
+def served_versions(url: str, token: str | None, model: str | None = None) -> set | None:
     """The versions the server's workers serve now (``mlpipe_model_info`` at 1 in ``/metrics``: one
     worker still on the old version keeps it there); None when ``/metrics`` cannot be read."""
     import requests
@@ -269,21 +270,22 @@ def served_versions(url: str, token: str | None) -> set | None:
         out = set()
         for family in text_string_to_metric_families(r.text):
             if family.name == "mlpipe_model_info":
-                out |= {s.labels.get("version") for s in family.samples if s.value >= 1}
+                out |= {s.labels.get("version") for s in family.samples
+                        if s.value >= 1 and (model is None or s.labels.get("name") == model)}
         return {int(v) for v in out if str(v).isdigit()}
     except (requests.RequestException, ValueError):
         return None
 
 
-def wait_for_version(url: str, version: int, token: str | None, timeout: float) -> dict:
+def wait_for_version(url: str, version: int, token: str | None, timeout: float, model: str | None = None) -> dict:
     """Until the server answers with ``version`` and none of its workers serves another one (workers
     follow a switch each on its own, within a fraction of a second of each other)."""
     deadline = time.monotonic() + timeout
     seen: dict = {}
     while True:
-        seen = answers(url, token)
+        seen = answers(url, token, model)
         if seen["status"] == 200 and seen["version"] == version:
-            workers = served_versions(url, token)
+            workers = served_versions(url, token, model)
             if workers is None or workers <= {version}:
                 return seen
             seen = {**seen, "version": min(workers - {version}), "others": sorted(workers - {version})}
@@ -345,7 +347,7 @@ def activate(directory: Path, model: str, version: int, *, registry=None, keep: 
         if state != "RUNNING":
             raise NotReady(service.describe(state, host or "this host") + f"; its links now point at v{version}",
                            hint="start it with playbooks/site.yml")
-        seen = answers(url, token) if url else {}
+        seen = answers(url, token, model) if url else {}
         if switched and seen.get("follows"):
             out["reloaded"] = False  # its workers follow the link: no reload, no worker restarted
         elif switched or (url and seen.get("version") != version):
@@ -353,7 +355,7 @@ def activate(directory: Path, model: str, version: int, *, registry=None, keep: 
             out["reloaded"] = True
     if url:
         t0 = time.monotonic()
-        wait_for_version(url, version, token, timeout)
+        wait_for_version(url, version, token, timeout, model)
         out["waited_seconds"] = round(time.monotonic() - t0, 2)
     return out
 

@@ -21,7 +21,7 @@ accesslog = os.environ.get("MLPIPE_ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("MLPIPE_LOG_LEVEL", "info")
 control_socket_disable = True  # gunicorn >= 27: one shared default path would clash between servers on a host
-proc_name = f"mlpipe:{os.path.basename(os.path.abspath(_cfg['model_dir']))}"
+proc_name = f"mlpipe:{os.path.basename(os.path.abspath(_cfg['model_dir'] or _cfg['models_dir']))}"
 
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mlpipe-metrics-")

@@ -134,14 +134,14 @@ def train_into(registry, spec_dict: dict, write_spec, message: str = "", extra_a
 class Server:
     """`mlpipe serve` (gunicorn) as a child process on a free port."""
 
-    def __init__(self, model_dir, tmp_path, env=None, workers=2, host="127.0.0.1"):
+    def __init__(self, model_dir, tmp_path, env=None, workers=2, host="127.0.0.1", multi=False):
         self.host, self.port = host, free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.pidfile = tmp_path / f"gunicorn-{self.port}.pid"
         self.log = open(tmp_path / f"gunicorn-{self.port}.log", "wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlpipe", "serve", "--model-dir", str(model_dir), "--host", host,
+            [sys.executable, "-m", "mlpipe", "serve", "--models-dir" if multi else "--model-dir", str(model_dir), "--host", host,
              "--port", str(self.port), "--workers", str(workers), "--pidfile", str(self.pidfile)],
             env={**os.environ, **(env or {})}, stdout=self.log, stderr=self.log)
         self.wait_ready()

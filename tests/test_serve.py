@@ -205,10 +205,10 @@ def test_metrics_count_requests_and_predictions(client, data):
     frame, cols = data
     client.post("/invocations", json={"instances": frame[cols].head(10).values.tolist()})
     text = client.get("/metrics").data.decode()
-    assert 'mlpipe_requests_total{endpoint="/invocations",status="200"}' in text
+    assert 'mlpipe_requests_total{endpoint="/invocations",model="credit-risk",status="200"}' in text
     assert "mlpipe_request_seconds_bucket" in text
     assert 'mlpipe_model_info{id="' in text and 'runtime="onnxruntime",version="1"} 1.0' in text
-    assert 'mlpipe_predictions_total{label="0",version="1"}' in text
+    assert 'mlpipe_predictions_total{label="0",model="credit-risk",version="1"}' in text
 
 
 def test_require_onnx_refuses_pickle_only_version(fleet, tmp_path):
@@ -528,7 +528,7 @@ def test_plain_gunicorn_command_aggregates_metrics_over_workers(fleet, tmp_path,
         time.sleep(1.2)  # batched counters are written within 0.5 s
         for _ in range(4):  # whichever worker answers the scrape reports every worker's requests
             text = requests.get(f"http://127.0.0.1:{port}/metrics").text
-            line = [x for x in text.splitlines() if x.startswith('mlpipe_requests_total{endpoint="/invocations",status="200"}')]
+            line = [x for x in text.splitlines() if x.startswith('mlpipe_requests_total{endpoint="/invocations",model="credit-risk",status="200"}')]
             assert line and float(line[0].split()[-1]) == 60.0, line
     finally:
         stop(proc)
@@ -559,7 +559,7 @@ def test_regressor_prediction_histogram(tmp_path):
     r = c.post("/invocations", json={"dataframe_records": frame.to_dict(orient="records")})
     assert r.status_code == 200 and len(r.json["predictions"]) == 7
     text = c.get("/metrics").data.decode()
-    count = [x for x in text.splitlines() if x.startswith('mlpipe_prediction_value_count{version="1"}')]
+    count = [x for x in text.splitlines() if x.startswith('mlpipe_prediction_value_count{model="house-prices",version="1"}')]
     assert count and float(count[0].split()[-1]) >= 7
 
 
@@ -721,3 +721,107 @@ def test_checks_can_keep_their_rows_out_of_capture(fleet, tmp_path, data):
     rid = c.post("/invocations", json=body).json["request_id"]
     cap.flush()
     assert capture.Store(f"sqlite:///{tmp_path}/capture.db").predictions("credit-risk").request_id.tolist() == [rid]
+
+
+# ------------------------------------------------------------------------------ multi-model hosts
+@pytest.fixture(scope="module")
+def models_root(fleet):
+    """A folder of model folders: credit-risk (v1..v3, v1 active) and hello-world (iris, v1)."""
+    root = fleet["tmp"] / "multi"
+    root.mkdir()
+    shutil.copytree(fleet["dir"], root / "credit-risk", symlinks=True)
+    assert run_cli("train", EXAMPLES / "hello-world.yml", "--registry", fleet["reg"]).returncode == 0
+    assert run_cli("train", EXAMPLES / "house-prices.yml", "--registry", fleet["reg"]).returncode == 0
+    res = run_cli("models", "pull", "hello-world:1", "--dest", root / "hello-world", "--registry", fleet["reg"], "--activate")
+    assert res.returncode == 0, res.stderr
+    return root
+
+
+def _iris_rows(n=3):
+    from sklearn.datasets import load_iris
+    frame = load_iris(as_frame=True).frame
+    cols = [c for c in frame.columns if c != "target"]
+    return {"dataframe_split": {"columns": cols, "data": frame[cols].head(n).values.tolist()}}, cols
+
+
+def test_multi_model_host_routes_by_name(models_root, fleet, data, tmp_path):
+    """One server, two models: each answers under its name (MLflow-style per model, OIP v2); the
+    unnamed routes say which names to use; readiness lists both; metrics carry the model."""
+    root = tmp_path / "models"
+    shutil.copytree(models_root, root, symlinks=True)
+    c = create_app({"models_dir": str(root)}).test_client()
+    frame, cols = data
+    r = c.post("/models/credit-risk/invocations", json={"dataframe_split": {"columns": cols, "data": frame[cols].head(2).values.tolist()}})
+    assert r.status_code == 200 and r.json["model_version"] == "1" and r.headers["X-Model-Version"] == "1", r.json
+    iris, icols = _iris_rows()
+    r = c.post("/models/hello-world/invocations", json=iris)
+    assert r.status_code == 200 and len(r.json["predictions"]) == 3, r.json
+    oip = {"inputs": [{"name": n, "datatype": "FP64", "shape": [1], "data": [v]} for n, v in zip(icols, iris["dataframe_split"]["data"][0])]}
+    r = c.post("/v2/models/hello-world/infer", json=oip)
+    assert r.status_code == 200 and r.json["model_name"] == "hello-world", r.json
+    assert c.get("/v2/models/credit-risk/ready").status_code == 200
+    assert c.get("/models/hello-world/metadata").json["name"] == "hello-world"
+    # unnamed routes on a host with two models: a 400 that says what to send instead
+    r = c.post("/invocations", json=iris)
+    assert r.status_code == 400 and "serves 2 models (credit-risk, hello-world)" in r.json["error"], r.json
+    assert "/models/<name>/invocations" in r.json["error"]
+    r = c.post("/models/nope/invocations", json=iris)
+    assert r.status_code == 404 and "'credit-risk'" in r.json["error"], r.json
+    r = c.get("/v2/health/ready")
+    assert r.status_code == 200 and r.json["models"] == {"credit-risk": {"version": 1}, "hello-world": {"version": 1}}
+    text = c.get("/metrics").data.decode()
+    assert 'mlpipe_requests_total{endpoint="/models/<name>/invocations",model="hello-world",status="200"}' in text
+    assert 'mlpipe_requests_total{endpoint="/models/<name>/invocations",model="",status="404"}' in text  # no made-up series
+    assert 'mlpipe_predicted_rows_total{model="hello-world",version="1"}' in text
+
+
+def test_multi_model_host_follows_folders_without_a_reload(models_root, fleet, data, tmp_path):
+    """gunicorn, 2 workers, a steady load on hello-world while credit-risk switches versions three
+    times, house-prices is added and then removed: hello-world never fails, every change is served
+    within seconds, and no worker restarts."""
+    import requests
+    root = tmp_path / "models"
+    shutil.copytree(models_root, root, symlinks=True)
+    server = Server(root, tmp_path, multi=True)
+    try:
+        pids = {requests.get(f"{server.url}/models/hello-world/metadata").json()["pid"] for _ in range(20)}
+        iris, _ = _iris_rows(1)
+        stop, results = threading.Event(), []
+        loaders = [threading.Thread(target=_load_loop, args=(f"{server.url}/models/hello-world", stop, results, iris))
+                   for _ in range(2)]
+        for t in loaders:
+            t.start()
+
+        def until(check, what, timeout=30):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    if check():
+                        return
+                except requests.RequestException:
+                    pass
+                time.sleep(0.05)
+            raise AssertionError(f"not within {timeout} s: {what}")
+        try:
+            from mlpipe.fleet import served_versions
+            for v in (2, 3, 1):
+                hostdir.activate(root / "credit-risk", v)
+                until(lambda: served_versions(server.url, None, "credit-risk") == {v}, f"credit-risk v{v} on every worker")
+            res = run_cli("models", "pull", "house-prices:1", "--dest", root / "house-prices", "--registry", fleet["reg"], "--activate")
+            assert res.returncode == 0, res.stderr
+            until(lambda: all(requests.get(f"{server.url}/v2/models/house-prices/ready").status_code == 200 for _ in range(6)),
+                  "house-prices served by every worker")
+            shutil.rmtree(root / "house-prices")
+            until(lambda: all(requests.get(f"{server.url}/v2/models/house-prices/ready").status_code == 404 for _ in range(6)),
+                  "house-prices dropped")
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            for t in loaders:
+                t.join(30)
+        failed = [r for r in results if r[0] != 200]
+        assert len(results) > 50 and not failed, failed[:5]
+        after = {requests.get(f"{server.url}/models/hello-world/metadata").json()["pid"] for _ in range(20)}
+        assert after <= pids and server.proc.poll() is None  # the same workers: nothing was reloaded
+    finally:
+        server.stop()

@@ -15,7 +15,7 @@ from mlpipe.errors import MlpipeError, NotFound, NotReady, Unauthorized, Unsuppo
 from mlpipe.serve.config import load_config
 from mlpipe.serve.edge import Edge, np_default
 from mlpipe.serve.invocations import parse_invocations
-from mlpipe.serve.model import LoadedModel, ModelSlot
+from mlpipe.serve.model import LoadedModel, Models
 from mlpipe.serve.oip import parse_infer
 from mlpipe.serve.openapi import openapi
 from mlpipe.serve.prometheus import metrics, render_metrics
@@ -33,33 +33,51 @@ def create_app(config: dict | None = None):
     cfg = load_config(config)
     app = Flask("mlpipe")
     app.config["MAX_CONTENT_LENGTH"] = cfg["max_body_bytes"]
-    slot = ModelSlot(Path(cfg["model_dir"]), cfg["require_onnx"])
-    slot.load()
-    slot.watch()  # a switch of the 'current' link is served without a reload
-    app.extensions["mlpipe"] = slot
+    models = Models(cfg["require_onnx"], model_dir=cfg["model_dir"] or None, models_dir=cfg["models_dir"] or None)
+    models.load()
+    models.watch()  # a switched 'current' link, a model folder added or removed: served without a reload
+    app.extensions["mlpipe"] = models
     tokens = [t.encode() for t in cfg["auth_tokens"]]
     max_rows = cfg["max_rows"]
     mx = metrics()
     cap = Capture(cfg)
     mx.capture_source = cap
 
-    def model() -> LoadedModel:
+    def loaded(slot, name: str | None = None) -> LoadedModel:
         if slot.model is None:
-            raise NotReady(f"no model is loaded: {slot.error}",
+            raise NotReady(f"no model is loaded{' for ' + repr(name) if name else ''}: {slot.error}",
                            hint=None if hostdir.current(slot.model_dir) is None else
                            "every candidate version was refused (above): pull and activate a good version (the server "
                            "follows the 'current' link; no reload needed)")
         return slot.model
+
+    def only_slot():
+        """The slot of the routes that name no model: the host's one model."""
+        slot = models.only()
+        if slot is not None:
+            return slot
+        names = models.names()
+        if not names:
+            raise NotReady(f"no model is served: nothing is pulled into {models.root}",
+                           hint=f"run `mlpipe models pull NAME@production --dest {models.root}/NAME --activate`; "
+                                "the server starts serving it within a second")
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        raise bad(f"this server serves {len(names)} models ({shown}): name one in the path",
+                  hint="POST /models/<name>/invocations, or /v2/models/<name>/infer")
+
+    def model() -> LoadedModel:
+        return loaded(only_slot())
 
     def json_response(obj, status=200, headers=None):
         resp = Response(json.dumps(obj, default=np_default), status=status, mimetype="application/json")
         if headers:
             resp.headers.update(headers)
         answered = obj.get("model_version") if status == 200 and isinstance(obj, dict) else None
+        only = models.only()
         if answered is not None:  # the version that answered, though the slot may have switched since
             resp.headers["X-Model-Version"] = str(answered)
-        elif slot.model is not None:
-            resp.headers["X-Model-Version"] = slot.model.version_label
+        elif only is not None and only.model is not None:
+            resp.headers["X-Model-Version"] = only.model.version_label
         return resp
 
     @app.errorhandler(MlpipeError)
@@ -86,12 +104,27 @@ def create_app(config: dict | None = None):
         return json_response({"live": True})
 
     def ready():
-        if slot.model is None:
-            return json_response({"ready": False, "error": slot.error}, 503)
-        return json_response({"ready": True, "model": slot.model.name, "version": slot.model.version})
+        """Ready when every model of the host is loaded (the balancer's per-model health checks use
+        /v2/models/<name>/ready instead, so that one model's trouble takes no other out)."""
+        slots = models.slots
+        only = models.only()
+        if only is not None:
+            if only.model is None:
+                return json_response({"ready": False, "error": only.error}, 503)
+            return json_response({"ready": True, "model": only.model.name, "version": only.model.version})
+        if not slots:
+            return json_response({"ready": False, "error": f"no model is served: nothing is pulled into {models.root}"}, 503)
+        doc = {n: ({"version": s.model.version} if s.model is not None else {"error": s.error}) for n, s in sorted(slots.items())}
+        ok = all(s.model is not None for s in slots.values())
+        return json_response({"ready": ok, "models": doc}, 200 if ok else 503)
 
     def ping():
-        return ("\n", 200) if slot.model is not None else json_response({"error": slot.error}, 503)
+        only = models.only()
+        if only is not None and only.model is None:
+            return json_response({"error": only.error}, 503)
+        if only is None and (not models.slots or any(s.model is None for s in models.slots.values())):
+            return ready()
+        return "\n", 200
 
     def version():
         return Response(__version__, mimetype="text/plain")
@@ -99,10 +132,16 @@ def create_app(config: dict | None = None):
     def server_meta():
         return json_response({"name": "mlpipe", "version": __version__, "extensions": ["binary_tensor_data"]})
 
+    def slot_for(name: str):
+        slot = models.get(name)
+        if slot is None:
+            names = models.names() if models.root is not None else [
+                s.model.name for s in models.slots.values() if s.model is not None]
+            raise NotFound(f"unknown model {name!r}", hint=f"this server serves {', '.join(repr(n) for n in names[:20]) or 'no model'}")
+        return slot
+
     def _model_for(name: str, version: str | None = None) -> LoadedModel:
-        m = model()
-        if name != m.name:
-            raise NotFound(f"unknown model '{name}'", hint=f"this server serves '{m.name}'")
+        m = loaded(slot_for(name), name)
         if version is not None and version != m.version_label:
             raise NotFound(f"model '{name}' version {version} is not served here", hint=f"this server serves version {m.version}")
         return m
@@ -142,8 +181,8 @@ def create_app(config: dict | None = None):
         return {"model_name": m.name, "model_version": m.version_label, "id": rid if oip_id is None else oip_id,
                 "request_id": rid, "outputs": out}
 
-    def invocations_core(environ, body: bytes, rid: str, t0: float | None) -> dict:
-        m = model()
+    def invocations_core(environ, body: bytes, rid: str, t0: float | None, name: str | None = None) -> dict:
+        m = model() if name is None else loaded(slot_for(name), name)
         X = parse_invocations(m, environ.get("CONTENT_TYPE", ""), body, max_rows)
         labels, _ = m.predict(X)
         mx.predictions(m, labels)
@@ -178,8 +217,9 @@ def create_app(config: dict | None = None):
             check_name(name)
         except MlpipeError as exc:
             raise bad(str(exc)) from None
-        if slot.model is not None and name == slot.model.name:
-            check_labels(slot.model, items)
+        target = models.get(name)
+        if target is not None and target.model is not None:
+            check_labels(target.model, items)
         try:
             result = cap.store().attach_labels(name, items, source="http")
         except NotReady as exc:
@@ -192,15 +232,17 @@ def create_app(config: dict | None = None):
                            hint="send them again later, or load them with mlpipe feedback load MODEL FILE") from None
         return json_response({"model": name, **result})
 
-    def metadata():
-        m = model()
+    def metadata(name: str | None = None):
+        slot = only_slot() if name is None else slot_for(name)
+        m = loaded(slot, name)
         man = {k: v for k, v in m.manifest.items() if k != "spec"}
         return json_response({**man, "runtime": m.runtime, "model_dir": str(slot.model_dir),
                               "loaded_at": m.loaded_at, "load_error": slot.error, "pid": os.getpid(),
-                              "follows_current": slot.watching})
+                              "follows_current": models.watching})
 
     def openapi_doc():
-        return json_response(openapi(slot.model))
+        only = models.only()
+        return json_response(openapi(only.model if only is not None else None))
 
     def prom():
         data, ctype = render_metrics()
@@ -209,8 +251,9 @@ def create_app(config: dict | None = None):
     handlers = {"invocations": invocations_core, "infer": infer_core}
     views = {f.__name__: f for f in (live, ready, ping, version, server_meta, model_meta, model_ready, feedback,
                                      metadata, openapi_doc, prom)}
+    views["model_metadata"] = metadata
     views.update({name: via_flask(h) for name, h in handlers.items()})
     for r in ROUTES:
         app.add_url_rule(r.rule, r.view, views[r.view], methods=list(r.methods))
-    app.wsgi_app = Edge(app.wsgi_app, tokens, mx, slot, cfg["max_body_bytes"], handlers)
+    app.wsgi_app = Edge(app.wsgi_app, tokens, mx, models, cfg["max_body_bytes"], handlers)
     return app

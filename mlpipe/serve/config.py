@@ -8,11 +8,11 @@ from typing import Any
 
 from mlpipe.errors import UsageError
 
-DEFAULTS = {"model_dir": "", "bind": "127.0.0.1:8000", "workers": 2, "auth_tokens": [], "max_rows": 10000,
+DEFAULTS = {"model_dir": "", "models_dir": "", "bind": "127.0.0.1:8000", "workers": 2, "auth_tokens": [], "max_rows": 10000,
             "max_body_bytes": 10 * 1024 * 1024, "require_onnx": False, "timeout": 30,
             "capture_db": "", "capture_sample": None, "capture_max_age": None, "capture_max_rows": None,
             "host": ""}
-ENV = {"model_dir": "MLPIPE_MODEL_DIR", "bind": "MLPIPE_BIND", "workers": "MLPIPE_WORKERS",
+ENV = {"model_dir": "MLPIPE_MODEL_DIR", "models_dir": "MLPIPE_MODELS_DIR", "bind": "MLPIPE_BIND", "workers": "MLPIPE_WORKERS",
        "auth_tokens": "MLPIPE_AUTH_TOKENS", "max_rows": "MLPIPE_MAX_ROWS", "max_body_bytes": "MLPIPE_MAX_BODY_BYTES",
        "require_onnx": "MLPIPE_REQUIRE_ONNX", "timeout": "MLPIPE_TIMEOUT", "capture_db": "MLPIPE_CAPTURE_DB",
        "capture_sample": "MLPIPE_CAPTURE_SAMPLE", "capture_max_age": "MLPIPE_CAPTURE_MAX_AGE",
@@ -93,7 +93,11 @@ def load_config(config: dict | None = None) -> dict:
         if key != "config_file":
             out[key] = value
     out = {k: _coerce(k, v) for k, v in out.items()}
-    if not out["model_dir"]:
+    if not out["model_dir"] and not out["models_dir"]:
         raise UsageError("no model directory configured",
-                         hint="set MLPIPE_MODEL_DIR (a folder with a 'current' symlink, see mlpipe models pull --activate)")
+                         hint="set MLPIPE_MODEL_DIR (a folder with a 'current' symlink, see mlpipe models pull --activate), "
+                              "or MLPIPE_MODELS_DIR (a folder of such folders, one per model: a multi-model host)")
+    if out["model_dir"] and out["models_dir"]:
+        raise UsageError("both model_dir and models_dir are set",
+                         hint="model_dir serves one model's folder; models_dir serves every model folder under it: set one")
     return out

@@ -23,8 +23,8 @@ class Edge:
     returning the answer's JSON document, for the routes with ``edge=True``. The Flask views of the
     same routes (requests without a Content-Length) call the same handlers."""
 
-    def __init__(self, app, tokens: list[bytes], mx, slot, max_body: int, handlers: dict):
-        self.app, self.tokens, self.mx, self.slot, self.max_body, self.handlers = app, tokens, mx, slot, max_body, handlers
+    def __init__(self, app, tokens: list[bytes], mx, models, max_body: int, handlers: dict):
+        self.app, self.tokens, self.mx, self.models, self.max_body, self.handlers = app, tokens, mx, models, max_body, handlers
 
     def __call__(self, environ, start_response):
         t0 = time.perf_counter()
@@ -48,8 +48,17 @@ class Edge:
             result = self.app(environ, sr)
         if status_seen and (route is None or route.counted):
             self.mx.request(route.rule if route is not None else "unmatched", int(status_seen[0][:3]),
-                            time.perf_counter() - t0)
+                            time.perf_counter() - t0, self._model_label(params))
         return result
+
+    def _model_label(self, params: dict) -> str:
+        """The model a request went to, for the metrics: a name this host serves, else "" (a client
+        must not be able to mint metric series with made-up names)."""
+        name = params.get("name")
+        if name is not None:
+            return name if self.models.get(name) is not None else ""
+        only = self.models.only()
+        return only.model.name if only is not None and only.model is not None else ""
 
     def _predict(self, environ, sr, handler, params: dict, t0: float | None):
         rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
@@ -76,8 +85,10 @@ class Edge:
         answered = doc.get("model_version") if status == 200 else None
         if answered is not None:
             headers.append(("X-Model-Version", str(answered)))
-        elif self.slot.model is not None:
-            headers.append(("X-Model-Version", self.slot.model.version_label))
+        else:
+            only = self.models.only()
+            if only is not None and only.model is not None:
+                headers.append(("X-Model-Version", only.model.version_label))
         sr(f"{status} {HTTPStatus(status).phrase.upper()}", headers + (extra or []))
         return [body]
 

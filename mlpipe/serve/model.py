@@ -111,6 +111,7 @@ class ModelSlot:
 
     def __init__(self, model_dir: Path, require_onnx: bool):
         self.model_dir = Path(model_dir)
+        self.key = self.model_dir.name  # how metrics tell this slot from the others of a multi-model host
         self.require_onnx = require_onnx
         self.model: LoadedModel | None = None
         self.error: str | None = None
@@ -153,7 +154,7 @@ class ModelSlot:
                 self.model = LoadedModel.load(self.model_dir / str(version), self.require_onnx)
             except (MlpipeError, OSError, ValueError, KeyError) as exc:
                 errors.append(f"v{version}: {exc}")
-                metrics().load_failures.labels(version=str(version)).inc()
+                metrics().load_failures.labels(model=self.key, version=str(version)).inc()
                 log.error("refusing model v%s in %s: %s", version, self.model_dir, exc)
                 continue
             self.error = "; ".join(errors) or None
@@ -165,7 +166,7 @@ class ModelSlot:
         else:
             self.model = None
             self.error = "; ".join(errors) or hostdir.nothing_active(self.model_dir)
-        metrics().set_model(self.model)
+        metrics().set_model(self.model, self.key)
 
     # -- switching versions without a reload -----------------------------------------------------
     def watch(self, interval: float = 0.2) -> None:
@@ -194,7 +195,7 @@ class ModelSlot:
                 log.warning("%s has no 'current' version any more: serving nothing", self.model_dir)
             self.model = None
             self.error = hostdir.nothing_active(self.model_dir)
-            metrics().set_model(None)
+            metrics().set_model(None, self.key)
             return True
         if self.model is not None and self.model.version == wanted and self.model.path == self.model_dir / str(wanted):
             self.error = None
@@ -206,7 +207,7 @@ class ModelSlot:
         try:
             new = LoadedModel.load(self.model_dir / str(wanted), self.require_onnx)
         except (MlpipeError, OSError, ValueError, KeyError) as exc:
-            metrics().load_failures.labels(version=str(wanted)).inc()
+            metrics().load_failures.labels(model=self.key, version=str(wanted)).inc()
             old = f"; still serving v{self.model.version}" if self.model is not None else ""
             self.error = f"v{wanted}: {exc}{old}"
             log.error("refusing model v%s in %s: %s%s", wanted, self.model_dir, exc, old)
@@ -216,7 +217,7 @@ class ModelSlot:
         before = self.model
         self.model, self.error = new, None
         self._mark_good(wanted)
-        metrics().set_model(new)
+        metrics().set_model(new, self.key)
         log.info("serving %s v%s (%s), switched from %s without a reload", new.name, wanted, new.runtime,
                  f"v{before.version}" if before is not None else "nothing")
         return True
@@ -225,11 +226,107 @@ class ModelSlot:
 def _follow(ref, interval: float) -> None:
     while True:
         time.sleep(interval)
-        slot = ref()
-        if slot is None:  # the app that owned it is gone (tests make many)
+        owner = ref()
+        if owner is None:  # the app that owned it is gone (tests make many)
             return
         try:
-            slot.follow_once()
+            owner.follow_once()
         except Exception:  # a bug here must not stop this worker from following later switches
-            log.exception("following %s failed", slot.model_dir)
-        del slot
+            log.exception("following the model folders failed")
+        del owner
+
+
+class Models:
+    """The models one worker serves, by name: one folder (``model_dir``, as a single-model host has)
+    or every model folder under ``models_dir`` (``<models_dir>/<name>/current``), looked at again
+    every fraction of a second: a folder that appears is loaded and served, one that goes is
+    dropped, and each follows its own ``current`` link (``ModelSlot.follow_once``), so deploying,
+    adding or removing one model never touches the others and never reloads the server."""
+
+    def __init__(self, require_onnx: bool, model_dir: str | Path | None = None, models_dir: str | Path | None = None):
+        self.require_onnx = require_onnx
+        self.root = Path(models_dir) if models_dir else None
+        self.slots: dict[str, ModelSlot] = {}
+        self.watching = False
+        if self.root is None:
+            slot = ModelSlot(Path(model_dir), require_onnx)
+            self.slots[slot.key] = slot
+        else:
+            self._scan()
+
+    def load(self) -> None:
+        for slot in list(self.slots.values()):
+            if slot._seen_link is None and slot.model is None:
+                slot.load()
+
+    def _folders(self) -> dict[str, Path]:
+        """Model folders under the root: a valid model name holding a 'current' link or a version."""
+        from mlpipe.registry import check_name
+        out = {}
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return out
+        for e in entries:
+            if e.name.startswith(".") or not e.is_dir():
+                continue
+            try:
+                check_name(e.name)
+            except MlpipeError:
+                continue
+            p = Path(e.path)
+            if os.path.islink(p / "current") or any(c.isdigit() for c in os.listdir(p)):
+                out[e.name] = p
+        return out
+
+    def _scan(self) -> bool:
+        found = self._folders()
+        changed = False
+        for name in [n for n in self.slots if n not in found]:
+            log.warning("%s is gone from %s: no longer serving it", name, self.root)
+            self.slots.pop(name)
+            metrics().drop_model(name)
+            changed = True
+        for name, path in sorted(found.items()):
+            if name not in self.slots:
+                slot = ModelSlot(path, self.require_onnx)
+                if self.watching:  # a model added while serving: loaded here, in the watcher
+                    slot.load()
+                self.slots = {**self.slots, name: slot}  # a new dict: readers never see one being changed
+                changed = True
+        return changed
+
+    def follow_once(self) -> None:
+        if self.root is not None:
+            self._scan()
+        for slot in list(self.slots.values()):
+            slot.follow_once()
+
+    def watch(self, interval: float = 0.2) -> None:
+        """Follow the folders in a daemon thread of this process (see the class and ModelSlot.watch)."""
+        if self.watching:
+            return
+        self.watching = True
+        for slot in self.slots.values():
+            slot.watching = True
+        threading.Thread(target=_follow, args=(weakref.ref(self), interval), name="mlpipe-model-watch",
+                         daemon=True).start()
+
+    # -- lookups on the request path ---------------------------------------------------------------
+    def get(self, name: str) -> ModelSlot | None:
+        slot = self.slots.get(name)
+        if slot is not None:
+            return slot
+        if self.root is None:  # one folder: it answers to the name of the model it holds, and while
+            only = next(iter(self.slots.values()))  # it holds none, to any (its 503 says what is wrong)
+            if only.model is None or only.model.name == name:
+                return only
+        return None
+
+    def only(self) -> ModelSlot | None:
+        """The slot that unnamed routes (/invocations, /metadata) use: the host's one model."""
+        slots = self.slots
+        return next(iter(slots.values())) if len(slots) == 1 else None
+
+    def names(self) -> list[str]:
+        return sorted(self.slots)

@@ -38,17 +38,18 @@ class _Metrics:
         import threading
         _multiprocess_dir()
         from prometheus_client import Counter, Gauge, Histogram
-        self.requests = Counter("mlpipe_requests", "HTTP requests by endpoint and status", ["endpoint", "status"])
-        self.latency = Histogram("mlpipe_request_seconds", "Request latency by endpoint", ["endpoint"],
+        self.requests = Counter("mlpipe_requests", "HTTP requests by endpoint, model and status",
+                                ["endpoint", "model", "status"])
+        self.latency = Histogram("mlpipe_request_seconds", "Request latency by endpoint and model", ["endpoint", "model"],
                                  buckets=LATENCY_BUCKETS)
-        self.rows = Counter("mlpipe_predicted_rows", "Rows predicted", ["version"])
-        self.classes = Counter("mlpipe_predictions", "Predicted labels (classifiers)", ["version", "label"])
-        self.values = Histogram("mlpipe_prediction_value", "Predicted values (regressors)", ["version"],
+        self.rows = Counter("mlpipe_predicted_rows", "Rows predicted", ["model", "version"])
+        self.classes = Counter("mlpipe_predictions", "Predicted labels (classifiers)", ["model", "version", "label"])
+        self.values = Histogram("mlpipe_prediction_value", "Predicted values (regressors)", ["model", "version"],
                                 buckets=VALUE_BUCKETS)
         self.info = Gauge("mlpipe_model_info", "The model version a worker serves (1)",
                           ["name", "version", "id", "runtime"], multiprocess_mode="livemax")
         self.ready = Gauge("mlpipe_model_ready", "1 when a model is loaded", multiprocess_mode="livemin")
-        self.load_failures = Counter("mlpipe_model_load_failures", "Versions refused at load", ["version"])
+        self.load_failures = Counter("mlpipe_model_load_failures", "Versions refused at load", ["model", "version"])
         self.captured = Counter("mlpipe_capture_rows", "Prediction rows written to the capture database")
         self.capture_dropped = Counter("mlpipe_capture_dropped_rows", "Sampled prediction rows not captured, by "
                                        "reason (queue_full: the database is slower than the traffic; db_error: "
@@ -57,36 +58,46 @@ class _Metrics:
                                    multiprocess_mode="livesum")
         self.capture_source = None   # a Capture: its counts are added at every flush
         self._capture_seen: dict = {}
-        self._info_labels = None
+        self._info_labels: dict = {}  # slot -> the labels of the version it serves
         self._lock = threading.Lock()
         self._pending = _Pending()
         self._timer = None
 
-    def set_model(self, m: LoadedModel | None) -> None:
-        if self._info_labels:
-            self.info.labels(*self._info_labels).set(0)
+    def set_model(self, m: LoadedModel | None, key: str = "") -> None:
+        """What the slot ``key`` serves now (None: nothing); ready is 1 when every slot serves one."""
+        before = self._info_labels.get(key)
+        if before:
+            self.info.labels(*before).set(0)
+        self._info_labels[key] = None
         if m is not None:
-            self._info_labels = (m.name, m.version_label, m.manifest.get("id", ""), m.runtime)
-            self.info.labels(*self._info_labels).set(1)
-        self.ready.set(1 if m is not None else 0)
+            self._info_labels[key] = (m.name, m.version_label, m.manifest.get("id", ""), m.runtime)
+            self.info.labels(*self._info_labels[key]).set(1)
+        self.ready.set(1 if self._info_labels and all(self._info_labels.values()) else 0)
 
-    def request(self, endpoint: str, status: int, seconds: float) -> None:
-        key = (endpoint, status)
+    def drop_model(self, key: str) -> None:
+        """A slot that is gone (its folder was removed from a multi-model host)."""
+        before = self._info_labels.pop(key, None)
+        if before:
+            self.info.labels(*before).set(0)
+        self.ready.set(1 if self._info_labels and all(self._info_labels.values()) else 0)
+
+    def request(self, endpoint: str, status: int, seconds: float, model: str = "") -> None:
+        key = (endpoint, model, status)
         with self._lock:
             p = self._pending
             p.requests[key] = p.requests.get(key, 0) + 1
-            p.latency.setdefault(endpoint, []).append(seconds)
+            p.latency.setdefault((endpoint, model), []).append(seconds)
         if self._timer is None:
             self._start_timer()
 
     def predictions(self, m: LoadedModel, labels) -> None:
-        v = m.version_label
+        v = (m.name, m.version_label)
         with self._lock:
             p = self._pending
             p.rows[v] = p.rows.get(v, 0) + len(labels)
             if m.kind == "classification":
                 for label in labels.tolist() if hasattr(labels, "tolist") else labels:
-                    p.classes[(v, label)] = p.classes.get((v, label), 0) + 1
+                    p.classes[(*v, label)] = p.classes.get((*v, label), 0) + 1
             else:
                 p.values.setdefault(v, []).extend(np.asarray(labels, dtype=np.float64).tolist())
 
@@ -103,16 +114,16 @@ class _Metrics:
     def flush(self) -> None:
         with self._lock:
             p, self._pending = self._pending, _Pending()
-        for (endpoint, status), n in p.requests.items():
-            self.requests.labels(endpoint, str(status)).inc(n)
-        for endpoint, obs in p.latency.items():
-            _observe_many(self.latency.labels(endpoint), obs, LATENCY_BUCKETS)
-        for v, n in p.rows.items():
-            self.rows.labels(v).inc(n)
-        for (v, label), n in p.classes.items():
-            self.classes.labels(v, str(label)).inc(n)
-        for v, obs in p.values.items():
-            _observe_many(self.values.labels(v), obs, VALUE_BUCKETS)
+        for (endpoint, model, status), n in p.requests.items():
+            self.requests.labels(endpoint, model, str(status)).inc(n)
+        for (endpoint, model), obs in p.latency.items():
+            _observe_many(self.latency.labels(endpoint, model), obs, LATENCY_BUCKETS)
+        for (model, v), n in p.rows.items():
+            self.rows.labels(model, v).inc(n)
+        for (model, v, label), n in p.classes.items():
+            self.classes.labels(model, v, str(label)).inc(n)
+        for (model, v), obs in p.values.items():
+            _observe_many(self.values.labels(model, v), obs, VALUE_BUCKETS)
         if self.capture_source is not None:
             self._flush_capture(self.capture_source.stats())
 

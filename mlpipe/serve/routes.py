@@ -28,6 +28,8 @@ ROUTES = (
     Route("/openapi.json", GET, "openapi_doc"),
     Route("/feedback", POST, "feedback"),
     Route("/invocations", POST, "invocations", edge=True),
+    Route("/models/<name>/invocations", POST, "invocations", edge=True),
+    Route("/models/<name>/metadata", GET, "model_metadata"),
     Route("/v2/models/<name>", GET, "model_meta"),
     Route("/v2/models/<name>/versions/<version>", GET, "model_meta"),
     Route("/v2/models/<name>/ready", GET, "model_ready"),
