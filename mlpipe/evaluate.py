@@ -249,7 +249,7 @@ class _Remote:
         out = []
         for chunk in self._chunks(X):
             body = {"dataframe_split": {"columns": [str(c) for c in chunk.columns], "data": chunk.astype(object).values.tolist()}}
-            out.extend(self._post("/invocations", body)["predictions"])
+            out.extend(self._post(f"/models/{self.name}/invocations", body)["predictions"])
         return np.asarray(out)
 
     def predict_proba(self, X):
@@ -326,12 +326,21 @@ def endpoint(url: str, model: str | None = None, expect_version: int | None = No
                            hint="check the host, the port and that the server runs") from None
     if get("/v2/health/live").status_code != 200:
         raise NotReady(f"{base} is not live")
-    ready = get("/v2/health/ready")
+    # a named model is checked through its own routes (a multi-model host, or a balancer that routes by name)
+    ready_path = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
+    meta_path = f"/models/{model}/metadata" if model else "/metadata"
+    ready = get(ready_path)
+    if ready.status_code == 404 and model:
+        try:
+            why = ready.json().get("error", "")
+        except ValueError:
+            why = ready.text[:200]
+        raise NotReady(f"{base} does not serve the expected model '{model}': {why}")
     if ready.status_code != 200:
-        raise NotReady(f"{base} is not ready: {ready.text[:200]}")
-    meta = get("/metadata")
+        raise NotReady(f"{base} is not ready{' to serve ' + model if model else ''}: {ready.text[:200]}")
+    meta = get(meta_path)
     if meta.status_code != 200:
-        raise NotReady(f"{base}/metadata answered {meta.status_code}: {meta.text[:200]}")
+        raise NotReady(f"{base}{meta_path} answered {meta.status_code}: {meta.text[:200]}")
     meta = meta.json()
     report.update({"model": meta["name"], "version": meta["version"], "id": meta.get("id"), "runtime": meta.get("runtime")})
     if model and meta["name"] != model:
@@ -370,7 +379,7 @@ def endpoint(url: str, model: str | None = None, expect_version: int | None = No
         latencies.clear()
         for _ in range(latency_requests):
             t = time.perf_counter()
-            get("/v2/health/ready")
+            get(ready_path)
             latencies.append((time.perf_counter() - t) * 1000)
     lat = np.asarray(latencies)
     report["latency_ms"] = {"requests": int(lat.size), "p50": float(np.percentile(lat, 50)),

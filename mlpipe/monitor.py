@@ -61,7 +61,8 @@ NOTIFY_BACKOFF = 0.5           # seconds before the first retry; doubled for eac
 NOTIFY_MAX_SECONDS = 60.0      # a webhook gets at most this long, retries included, per notice
 # captured columns that are not inputs: an input with one of these names is captured as input.<name>
 _NOT_INPUTS = ("request_id", "row", "model", "version", "host", "ts", "latency_ms", "prediction", "label")
-PREDICT_ROUTES = {"/invocations", "/v2/models/<name>/infer", "/v2/models/<name>/versions/<version>/infer"}
+PREDICT_ROUTES = {"/invocations", "/models/<name>/invocations", "/v2/models/<name>/infer",
+                  "/v2/models/<name>/versions/<version>/infer"}
 
 
 def _iso(ts: float) -> str:
@@ -271,9 +272,10 @@ def source_quality(url: str, name: str, manifest: dict, source: str, names: list
 
 
 # --------------------------------------------------------------------------------------- serving
-def scrape(url: str, token: str | None, timeout: float) -> dict:
+def scrape(url: str, token: str | None, timeout: float, model: str | None = None) -> dict:
     """The cumulative prediction-route figures of one endpoint's /metrics: latency histogram buckets
-    (le -> count, summed over the routes), requests and 5xx answers; and /metadata's model and version."""
+    (le -> count, summed over the routes), requests and 5xx answers; and /metadata's model and version.
+    With ``model``, that model's series only (a multi-model host serves others beside it)."""
     import requests
     from prometheus_client.parser import text_string_to_metric_families
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -281,20 +283,24 @@ def scrape(url: str, token: str | None, timeout: float) -> dict:
     out: dict[str, Any] = {"buckets": {}, "requests": 0.0, "errors": 0.0}
     r = requests.get(f"{base}/metrics", timeout=timeout)
     r.raise_for_status()
+    def mine(labels: dict) -> bool:  # a server from before the model label counts as this model's
+        return model is None or labels.get("model", model) == model
+
     for family in text_string_to_metric_families(r.text):
         if family.name == "mlpipe_request_seconds":
             for s in family.samples:
-                if s.name.endswith("_bucket") and s.labels.get("endpoint") in PREDICT_ROUTES:
+                if s.name.endswith("_bucket") and s.labels.get("endpoint") in PREDICT_ROUTES and mine(s.labels):
                     le = s.labels["le"]
                     out["buckets"][le] = out["buckets"].get(le, 0.0) + s.value
         elif family.name in ("mlpipe_requests", "mlpipe_requests_total"):
             for s in family.samples:
-                if s.name.endswith("_total") and s.labels.get("endpoint") in PREDICT_ROUTES:
+                if s.name.endswith("_total") and s.labels.get("endpoint") in PREDICT_ROUTES and mine(s.labels):
                     out["requests"] += s.value
                     if str(s.labels.get("status", "")).startswith("5"):
                         out["errors"] += s.value
     try:
-        meta = requests.get(f"{base}/metadata", headers=headers, timeout=timeout)
+        meta = requests.get(f"{base}/models/{model}/metadata" if model else f"{base}/metadata", headers=headers,
+                            timeout=timeout)
         if meta.status_code == 200:
             doc = meta.json()
             out["model"], out["version"] = doc.get("name"), doc.get("version")
@@ -336,13 +342,14 @@ def histogram_quantile(q: float, buckets: dict) -> float | None:
     return prev_bound
 
 
-def serving(endpoints: list[str], state: dict, token: str | None, timeout: float, now: float) -> dict:
+def serving(endpoints: list[str], state: dict, token: str | None, timeout: float, now: float,
+            model: str | None = None) -> dict:
     """p99_ms and error_rate over every endpoint, each endpoint's figures, and the versions they serve."""
     total = {"buckets": {}, "requests": 0.0, "errors": 0.0}
     per: dict[str, dict] = {}
     for url in endpoints:
         try:
-            cur = scrape(url, token, timeout)
+            cur = scrape(url, token, timeout, model)
         except Exception as exc:
             per[url] = {"up": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             continue
@@ -631,7 +638,7 @@ def _run(spec: Spec, reg, store=None, endpoints: list[str] | None = None, *, tex
     report: dict[str, Any] = {"model": name, "at": _iso(now), "endpoints": {}, "windows": {}, "alerts": [],
                               "actions": [], "notes": []}
 
-    srv = serving(endpoints, state, token, timeout, now) if endpoints else {"values": {}, "endpoints": {}, "requests": 0}
+    srv = serving(endpoints, state, token, timeout, now, name) if endpoints else {"values": {}, "endpoints": {}, "requests": 0}
     report["endpoints"] = srv["endpoints"]
     for url, e in srv["endpoints"].items():
         if not e.get("up"):

@@ -52,7 +52,7 @@ def test_unhealthy_or_wrong_version_exit_2(live):
     r = ev(live, "--expect-version", "1")
     assert r.returncode == 2 and "serves credit-risk v2, expected v1" in r.stderr
     r = ev(live, "--model", "other")
-    assert r.returncode == 2 and "expected 'other'" in r.stderr
+    assert r.returncode == 2 and "does not serve the expected model 'other'" in r.stderr and "'credit-risk'" in r.stderr, r.stderr
     r = run_cli("evaluate", "--endpoint", f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr
 
