@@ -2,7 +2,6 @@
 routes registered from ``routes.ROUTES``, behind the ``Edge``."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -13,7 +12,7 @@ import numpy as np
 from mlpipe import __version__, hostdir
 from mlpipe.errors import MlpipeError, NotFound, NotReady, Unauthorized, UnsupportedMediaType
 from mlpipe.serve.config import load_config
-from mlpipe.serve.edge import Edge, np_default
+from mlpipe.serve.edge import Edge, dumps
 from mlpipe.serve.invocations import parse_invocations
 from mlpipe.serve.model import LoadedModel, Models
 from mlpipe.serve.oip import parse_infer
@@ -69,7 +68,7 @@ def create_app(config: dict | None = None):
         return loaded(only_slot())
 
     def json_response(obj, status=200, headers=None):
-        resp = Response(json.dumps(obj, default=np_default), status=status, mimetype="application/json")
+        resp = Response(dumps(obj), status=status, mimetype="application/json")
         if headers:
             resp.headers.update(headers)
         answered = obj.get("model_version") if status == 200 and isinstance(obj, dict) else None

@@ -9,6 +9,7 @@ import time
 from http import HTTPStatus
 
 import numpy as np
+import orjson
 
 from mlpipe.errors import MlpipeError, PayloadTooLarge, Unauthorized
 from mlpipe.serve.auth import authorized
@@ -79,7 +80,7 @@ class Edge:
             return self._respond(sr, 500, {"error": "internal error; see the server log"}, extra)
 
     def _respond(self, sr, status: int, doc: dict, extra: list | None = None):
-        body = json.dumps(doc, default=np_default).encode()
+        body = dumps(doc)
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         # the version that answered (the slot may have switched since the prediction started)
         answered = doc.get("model_version") if status == 200 else None
@@ -91,6 +92,16 @@ class Edge:
                 headers.append(("X-Model-Version", only.model.version_label))
         sr(f"{status} {HTTPStatus(status).phrase.upper()}", headers + (extra or []))
         return [body]
+
+
+def dumps(doc) -> bytes:
+    """JSON bytes of an answer: orjson (numpy arrays and scalars natively; NaN and infinities become
+    null, which JSON has, where json.dumps writes NaN, which it has not), else json.dumps (integers
+    beyond 64 bits)."""
+    try:
+        return orjson.dumps(doc, default=np_default, option=orjson.OPT_SERIALIZE_NUMPY)
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(doc, default=np_default).encode()
 
 
 def np_default(o):

@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import orjson
 
 from mlpipe.errors import PayloadTooLarge, ValidationError
 from mlpipe.serve.model import NUMERIC_OIP, LoadedModel
 
 
 def parse_json(body: bytes):
+    """orjson first (a third of json.loads' time); what it refuses (the NaN and Infinity literals
+    Python's json.dumps writes, integers beyond 64 bits) goes through json.loads, which also words
+    the error for a body that really is not JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
