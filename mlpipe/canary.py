@@ -118,7 +118,7 @@ def shares(d: dict) -> dict[str, float]:
     (regressors, the bins of the prediction-value histogram)."""
     if d["classes"]:
         n = sum(d["classes"].values())
-        return {k: v / n for k, v in sorted(d["classes"].items())} if n > 0 else {}
+        return {k: v / n for k, v in sorted(d["classes"].items()) if v > 0} if n > 0 else {}
     if d["values"]:
         cum = sorted(((float(le), c) for le, c in d["values"].items()), key=lambda t: t[0])
         n = cum[-1][1]
