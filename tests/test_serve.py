@@ -176,7 +176,7 @@ def test_auth(fleet, caplog):
     assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
     assert c.post("/invocations", json=body, headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
     assert c.post("/invocations", json=body, headers={"Authorization": "Bearer other"}).status_code == 200
-    for open_path in ("/v2/health/live", "/v2/health/ready", "/ping", "/metrics"):
+    for open_path in ("/v2/health/live", "/v2/health/ready", "/ping", "/metrics", "/v2/models/credit-risk/ready"):
         assert c.get(open_path).status_code == 200, open_path
     for closed in ("/metadata", "/v2/models/credit-risk", "/openapi.json", "/v2", "/version"):
         assert c.get(closed).status_code == 401, closed

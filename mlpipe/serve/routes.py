@@ -32,8 +32,9 @@ ROUTES = (
     Route("/models/<name>/metadata", GET, "model_metadata"),
     Route("/v2/models/<name>", GET, "model_meta"),
     Route("/v2/models/<name>/versions/<version>", GET, "model_meta"),
-    Route("/v2/models/<name>/ready", GET, "model_ready"),
-    Route("/v2/models/<name>/versions/<version>/ready", GET, "model_ready"),
+    # public like the server's own health: the balancer's per-model health check sends no token
+    Route("/v2/models/<name>/ready", GET, "model_ready", public=True),
+    Route("/v2/models/<name>/versions/<version>/ready", GET, "model_ready", public=True),
     Route("/v2/models/<name>/infer", POST, "infer", edge=True),
     Route("/v2/models/<name>/versions/<version>/infer", POST, "infer", edge=True),
 )
