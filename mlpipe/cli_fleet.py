@@ -218,12 +218,13 @@ def fleet_lb_status(sock, backend, server, missing_ok):
 
 @fleet.command("lb-weights")
 @click.option("--socket", "sock", required=True, help="HAProxy's admin socket.")
-@click.option("--backend", required=True)
+@click.option("--backend", "backends", required=True, multiple=True,
+              help="The backend (repeat for several: a model's own and the one of the unnamed routes).")
 @click.option("--canary", "canaries", multiple=True, metavar="SERVER", help="A canary server (repeat for several).")
 @click.option("--share", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=None,
               help="Percent of the backend's traffic the canaries get together.")
 @click.option("--reset", is_flag=True, help="Give every server its configured weight back.")
-def fleet_lb_weights(sock, backend, canaries, share, reset):
+def fleet_lb_weights(sock, backends, canaries, share, reset):
     """Set HAProxy runtime weights so the canary gets SHARE percent of the live traffic (the other
     servers that are up keep their proportions), or --reset them to the configured weights (what an
     interrupted bake leaves behind; every deploy and rollback starts with a reset).
@@ -239,7 +240,9 @@ def fleet_lb_weights(sock, backend, canaries, share, reset):
         raise UsageError("give either --canary SERVER --share PERCENT, or --reset")
     if not reset and (not canaries or share is None):
         raise UsageError("--canary and --share go together")
-    _out(reset_weights(sock, backend) if reset else set_canary_weights(sock, backend, list(canaries), share))
+    results = {b: reset_weights(sock, b) if reset else set_canary_weights(sock, b, list(canaries), share) for b in backends}
+    first = results[backends[0]]
+    _out({**first, "changed": any(r["changed"] for r in results.values()), "backends": results})
 
 
 @fleet.command("bake")

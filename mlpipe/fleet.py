@@ -413,7 +413,9 @@ def lb_status(sock: str, backend: str, timeout: float = 5, missing_ok: bool = Fa
             servers[row["svname"]] = {"status": status, "weight": row.get("weight"), "scur": int(row.get("scur") or 0),
                                       "up": status.startswith("UP") and "DRAIN" not in status}
     if not servers:
-        raise NotFound(f"HAProxy on {sock} has no backend '{backend}' with servers", hint="check model_deploy_lb_backend")
+        raise NotFound(f"HAProxy on {sock} has no backend '{backend}' with servers",
+                       hint="each model has its own backend (<name>_<model>), made by playbooks/site.yml from the "
+                            "servers' model_server_models: add the model there and run site.yml; or check model_deploy_lb_backend")
     return {"backend": backend, "servers": servers, "up": sorted(n for n, s in servers.items() if s["up"])}
 
 

@@ -58,7 +58,7 @@ def test_model_the_fleet_does_not_serve_is_refused(fleet):
     assert r.returncode == 0, r.stderr
     r = fleet.deploy(1, *holdout(fleet), model="house-prices")
     assert r.returncode != 0
-    assert "does not serve this model: there is no program mlpipe-house-prices" in r.stdout, r.stdout[-2000:]
+    assert "ms1 does not serve this model: house-prices is not in its model_server_models (credit-risk)" in r.stdout, r.stdout[-2000:]
     assert "run playbooks/site.yml first" in r.stdout
     assert fleet.versions() == on(fleet, 1)
 
