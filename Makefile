@@ -57,10 +57,12 @@ demo: deps venv
 	$(BIN)/mlpipe models promote credit-risk:2 --alias production --reason "demo: beats v1"; \
 	echo; echo '$$ mlpipe models list'; $(BIN)/mlpipe models list; \
 	echo; echo '$$ mlpipe models show credit-risk@production'; $(BIN)/mlpipe models show credit-risk@production; \
-	echo; echo '$$ ansible-playbook playbooks/site.yml -e model_server_capture_sample=1   # record every request (the spec says 0.1)'; \
-	$(BIN)/ansible-playbook playbooks/site.yml -e model_server_capture_sample=1 | tail -8; \
+	echo; echo "$$ ansible-playbook playbooks/site.yml -e '{\"model_server_models\": [\"credit-risk\", \"hello-world\"]}' -e model_server_capture_sample=1   # two models on every server; record every request"; \
+	$(BIN)/ansible-playbook playbooks/site.yml -e '{"model_server_models": ["credit-risk", "hello-world"]}' -e model_server_capture_sample=1 | tail -8; \
 	echo; echo '$$ ansible-playbook playbooks/deploy.yml -e model=credit-risk -e version=@production'; \
 	$(BIN)/ansible-playbook playbooks/deploy.yml -e model=credit-risk -e version=@production | tail -6; \
+	echo; echo '$$ ansible-playbook playbooks/deploy.yml -e model=hello-world -e version=1   # each model deploys on its own'; \
+	$(BIN)/ansible-playbook playbooks/deploy.yml -e model=hello-world -e version=1 | tail -6; \
 	echo; echo '$$ mlpipe evaluate --endpoint http://127.0.0.11:8000 --model credit-risk --expect-version 2 --min accuracy=0.85   # on its stored holdout'; \
 	$(BIN)/mlpipe evaluate --endpoint http://127.0.0.11:8000 --model credit-risk --expect-version 2 --min accuracy=0.85; \
 	echo; echo '$$ mlpipe retrain examples/credit-risk.yml   # what cron runs (ansible-playbook playbooks/retrain.yml installs it)'; \
@@ -78,9 +80,11 @@ demo: deps venv
 	$(BIN)/mlpipe monitor examples/credit-risk.yml --endpoint http://127.0.0.11:8000 --endpoint http://127.0.0.12:8000 \
 	  --endpoint http://127.0.0.13:8000 || echo "(exit $$?: an alert is firing; see docs/runbooks/alert-fired.md)"; \
 	body=$$($(BIN)/python -c 'import json; from sklearn.datasets import load_breast_cancer as l; f=l(as_frame=True).frame; c=[x for x in f.columns if x!="target"]; print(json.dumps({"dataframe_split": {"columns": c, "data": f[c].head(2).values.tolist()}}))'); \
-	echo; echo "The fleet is up: three hosts behind HAProxy. Try:"; \
-	echo "  curl -s http://127.0.0.10:8080/invocations -H 'Content-Type: application/json' -d '$$body'"; \
-	curl -s http://127.0.0.10:8080/invocations -H 'Content-Type: application/json' -d "$$body"; echo; \
+	echo; echo "The fleet is up: three hosts behind HAProxy, each serving credit-risk and hello-world. Try:"; \
+	echo "  curl -s http://127.0.0.10:8080/models/credit-risk/invocations -H 'Content-Type: application/json' -d '$$body'"; \
+	curl -s http://127.0.0.10:8080/models/credit-risk/invocations -H 'Content-Type: application/json' -d "$$body"; echo; \
+	echo "  curl -s http://127.0.0.10:8080/models/hello-world/invocations -H 'Content-Type: application/json' -d '{\"instances\": [[5.1, 3.5, 1.4, 0.2]]}'"; \
+	curl -s http://127.0.0.10:8080/models/hello-world/invocations -H 'Content-Type: application/json' -d '{"instances": [[5.1, 3.5, 1.4, 0.2]]}'; echo; \
 	echo "  export MLPIPE_FLEET_ROOT=$(CURDIR)/$(DEMO) MLPIPE_REGISTRY=$(CURDIR)/$(DEMO)/registry   # then ansible-playbook / mlpipe as above"; \
 	echo "  make fleet-down   # stops the demo fleet"
 

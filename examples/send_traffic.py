@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--flip", action="store_true", help="write the opposite labels")
     ap.add_argument("--token", default=None, help="bearer token, when the servers want one")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="credit-risk", help="the model's name (its route: /models/NAME/invocations)")
     args = ap.parse_args()
     frame = load_breast_cancer(as_frame=True).frame.sample(args.rows, replace=True, random_state=args.seed)
     for c in frame.columns:
@@ -37,7 +38,7 @@ def main() -> int:
 
     def one(i):
         row = frame.iloc[i]
-        r = requests.post(f"{args.url.rstrip('/')}/invocations", headers=headers, timeout=10,
+        r = requests.post(f"{args.url.rstrip('/')}/models/{args.model}/invocations", headers=headers, timeout=10,
                           json={"dataframe_split": {"columns": cols, "data": [row[cols].tolist()]}})
         label = int(row["target"])
         return r.status_code, r.headers.get("X-Request-Id"), (1 - label) if args.flip else label
