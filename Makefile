@@ -115,6 +115,10 @@ bench: deps venv .venv-bench/.installed .venv-mlserver/.installed
 	$(BIN)/python benchmarks/onnx_vs_sklearn.py
 	$(BIN)/python benchmarks/serve_vs_mlflow.py
 	$(BIN)/python benchmarks/deploy_scaling.py
+	$(BIN)/python benchmarks/capture_overhead.py
+	$(BIN)/python benchmarks/monitor_scale.py
+	$(BIN)/python benchmarks/reload_stall.py
+	$(BIN)/python benchmarks/multi_model.py
 
 clean:
 	rm -rf $(VENV) .venv-bench .venv-mlserver $(DEMO) .mlpipe .pytest_cache
