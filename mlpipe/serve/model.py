@@ -284,7 +284,7 @@ class Models:
         changed = False
         for name in [n for n in self.slots if n not in found]:
             log.warning("%s is gone from %s: no longer serving it", name, self.root)
-            self.slots.pop(name)
+            self.slots = {k: v for k, v in self.slots.items() if k != name}  # a new dict, as below
             metrics().drop_model(name)
             changed = True
         for name, path in sorted(found.items()):
