@@ -348,6 +348,8 @@ def activate(directory: Path, model: str, version: int, *, registry=None, keep: 
             raise NotReady(service.describe(state, host or "this host") + f"; its links now point at v{version}",
                            hint="start it with playbooks/site.yml")
         seen = answers(url, token, model) if url else {}
+        if url and not seen.get("follows"):  # no model loaded for it yet (a first deploy): ask the server
+            seen["follows"] = bool(_get_json(f"{url.rstrip('/')}/v2", token)[1].get("follows_current"))
         if switched and seen.get("follows"):
             out["reloaded"] = False  # its workers follow the link: no reload, no worker restarted
         elif switched or (url and seen.get("version") != version):

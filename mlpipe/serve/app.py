@@ -129,7 +129,8 @@ def create_app(config: dict | None = None):
         return Response(__version__, mimetype="text/plain")
 
     def server_meta():
-        return json_response({"name": "mlpipe", "version": __version__, "extensions": ["binary_tensor_data"]})
+        return json_response({"name": "mlpipe", "version": __version__, "extensions": ["binary_tensor_data"],
+                              "follows_current": models.watching})
 
     def slot_for(name: str):
         slot = models.get(name)
