@@ -29,9 +29,7 @@ the old version. What `mlpipe fleet bake` and `mlpipe fleet lb-weights` run; mod
 from __future__ import annotations
 
 import math
-import socket
 import time
-from pathlib import Path
 from typing import Callable
 
 from mlpipe.errors import NotReady, UsageError
@@ -384,22 +382,8 @@ def message(report: dict) -> str:
 
 # ----------------------------------------------------------------------------------------- weights
 def _admin(sock: str, command: str, timeout: float = 5.0) -> str:
-    if not Path(sock).exists():
-        raise NotReady(f"the HAProxy admin socket {sock} does not exist", hint="run playbooks/site.yml to start the balancer")
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(sock)
-            s.sendall(command.encode() + b"\n")
-            chunks = []
-            while True:
-                b = s.recv(65536)
-                if not b:
-                    break
-                chunks.append(b)
-    except OSError as exc:
-        raise NotReady(f"cannot talk to HAProxy on {sock}: {exc.strerror or exc}") from None
-    return b"".join(chunks).decode()
+    from mlpipe.fleet import lb_command
+    return lb_command(sock, command, timeout)
 
 
 def server_weights(sock: str, backend: str) -> dict[str, dict]:

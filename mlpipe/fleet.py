@@ -387,18 +387,15 @@ def finish(directory: Path) -> bool:
 
 
 # --------------------------------------------------------------------------------------- balancer
-def lb_status(sock: str, backend: str, timeout: float = 5, missing_ok: bool = False) -> dict | None:
-    """HAProxy's view of ``backend``: {server: {status, weight, scur, up}} from ``show stat``
-    (``scur``: requests in flight). With ``missing_ok``, None when there is no socket (no balancer yet)."""
-    if missing_ok and not Path(sock).exists():
-        return None
+def lb_command(sock: str, command: str, timeout: float = 5.0) -> str:
+    """One command on HAProxy's admin socket, its whole answer."""
     if not Path(sock).exists():
         raise NotReady(f"the HAProxy admin socket {sock} does not exist", hint="run playbooks/site.yml to start the balancer")
     try:
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(timeout)
             s.connect(sock)
-            s.sendall(b"show stat\n")
+            s.sendall(command.encode() + b"\n")
             chunks = []
             while True:
                 b = s.recv(65536)
@@ -407,7 +404,15 @@ def lb_status(sock: str, backend: str, timeout: float = 5, missing_ok: bool = Fa
                 chunks.append(b)
     except OSError as exc:
         raise NotReady(f"cannot talk to HAProxy on {sock}: {exc.strerror or exc}") from None
-    text = b"".join(chunks).decode().lstrip("# ")
+    return b"".join(chunks).decode()
+
+
+def lb_status(sock: str, backend: str, timeout: float = 5, missing_ok: bool = False) -> dict | None:
+    """HAProxy's view of ``backend``: {server: {status, weight, scur, up}} from ``show stat``
+    (``scur``: requests in flight). With ``missing_ok``, None when there is no socket (no balancer yet)."""
+    if missing_ok and not Path(sock).exists():
+        return None
+    text = lb_command(sock, "show stat", timeout).lstrip("# ")
     servers = {}
     for row in csv.DictReader(io.StringIO(text)):
         if row.get("pxname") == backend and row.get("svname") not in ("FRONTEND", "BACKEND"):

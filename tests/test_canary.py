@@ -434,7 +434,7 @@ def test_lb_weights_set_and_reset_on_a_real_haproxy(haproxy):
     assert json.loads(r.stdout)["changed"] is True
     assert {s: v["weight"] for s, v in canary.server_weights(haproxy, "mlpipe").items()} == {"ms1": 1, "ms2": 1, "ms3": 2}
     again = run_cli("fleet", "lb-weights", "--socket", haproxy, "--backend", "mlpipe", "--reset")
-    assert json.loads(again.stdout) == {"changed": False, "reset": {}}
+    assert json.loads(again.stdout) == {"changed": False, "reset": {}, "backends": {"mlpipe": {"changed": False, "reset": {}}}}
     # ms3 drained: the canary's share is among ms1 and ms2 only
     out = json.loads(run_cli("fleet", "lb-weights", "--socket", haproxy, "--backend", "mlpipe", "--canary", "ms1",
                              "--share", "25").stdout)
