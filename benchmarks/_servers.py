@@ -63,6 +63,27 @@ def stop_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def start_serve(cmd: list[str], port: int, env: dict, log: Path, timeout: float = 180) -> subprocess.Popen:
+    """`mlpipe serve ...` in its own process group (stop it with stop_group), once /v2/health/ready
+    answers 200 on 127.0.0.1:``port``; its output appended to ``log``."""
+    import time
+
+    import requests
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlpipe serve exited ({proc.returncode}): {log.read_text()[-1500:]}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return proc
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    stop_group(proc)
+    raise RuntimeError(f"mlpipe serve not ready on port {port}: {log.read_text()[-1500:]}")
+
+
 def wrk(url: str, body: str, seconds: int, connections: int, tmp: Path) -> dict:
     """One wrk run (POST ``body``, Connection: close): req/s, p50/p99 in ms, requests and errors."""
     script = tmp / "post.lua"

@@ -39,28 +39,12 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _servers import free_port, stop_group, wrk  # noqa: E402  (also puts tests/ on sys.path)
+from _servers import free_port, start_serve, stop_group, wrk  # noqa: E402  (also puts tests/ on sys.path)
 
 BIN = Path(sys.executable).parent
 SETTINGS = [("0%", 0.0), ("10%", 0.1), ("100%", 1.0), ("100% db down", 1.0)]
 METRIC_RE = re.compile(r'^(mlpipe_capture_rows_total|mlpipe_capture_dropped_rows_total|mlpipe_capture_queue_rows)'
                        r'(?:\{([^}]*)\})?\s+([0-9.eE+-]+)$', re.M)
-
-
-def start(cmd: list[str], port: int, env: dict, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 120:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlpipe serve exited ({proc.returncode}): {log.read_text()[-1500:]}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(0.05)
-    stop_group(proc)
-    raise RuntimeError(f"mlpipe serve not ready on port {port}: {log.read_text()[-1500:]}")
 
 
 def capture_counts(base: str) -> dict:
@@ -153,7 +137,7 @@ def main() -> None:
                     url = dead_url if label.endswith("down") else db_url
                     cmd = [str(BIN / "mlpipe"), "serve", "--model-dir", str(tmp / "m"), "--port", str(port),
                            "--workers", "2", "--capture-sample", str(share), "--capture-db", url]
-                    proc = start(cmd, port, env, tmp / "serve.log")
+                    proc = start_serve(cmd, port, env, tmp / "serve.log")
                     base = f"http://127.0.0.1:{port}"
                     try:
                         r = requests.post(f"{base}/invocations", data=bodies[row_counts[0]],

@@ -29,26 +29,9 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _servers import free_port, stop_group, wrk  # noqa: E402
+from _servers import free_port, start_serve, stop_group, wrk  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def start(root: Path, port: int, env: dict, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([str(BIN / "mlpipe"), "serve", "--models-dir", str(root), "--port", str(port),
-                             "--workers", "2"], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 180:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlpipe serve exited ({proc.returncode}): {log.read_text()[-1500:]}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("mlpipe serve not ready")
 
 
 def pss_mb(pid: int) -> float:
@@ -104,7 +87,8 @@ def main() -> None:
         for rnd in range(args.rounds):
             for label, root in (list(hosts.items()) if rnd % 2 == 0 else list(hosts.items())[::-1]):
                 port = free_port()
-                proc = start(root, port, env, tmp / "serve.log")
+                proc = start_serve([str(BIN / "mlpipe"), "serve", "--models-dir", str(root), "--port", str(port),
+                                    "--workers", "2"], port, env, tmp / "serve.log")
                 try:
                     base = f"http://127.0.0.1:{port}"
                     for name in names if label != "1 model" else names[:1]:  # every model once on every worker

@@ -33,24 +33,9 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _servers import free_port, stop_group  # noqa: E402
+from _servers import free_port, start_serve, stop_group  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def start(cmd: list[str], port: int, env: dict, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 120:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlpipe serve exited ({proc.returncode}): {log.read_text()[-1500:]}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"mlpipe serve not ready on port {port}")
 
 
 def client(url: str, body: str, stop: threading.Event, out: list) -> None:
@@ -140,7 +125,7 @@ def main() -> None:
         for mode in ("steady", "follow", "HUP"):
             port = free_port()
             pidfile = tmp / f"{mode}.pid"
-            proc = start([str(BIN / "mlpipe"), "serve", "--model-dir", str(tmp / "m"), "--port", str(port),
+            proc = start_serve([str(BIN / "mlpipe"), "serve", "--model-dir", str(tmp / "m"), "--port", str(port),
                           "--workers", "2", "--pidfile", str(pidfile)], port, env, tmp / "serve.log")
             try:
                 results[mode] = measure(mode, f"http://127.0.0.1:{port}", body, tmp / "m", pidfile, args.switches,
