@@ -74,7 +74,7 @@ def test_unit_is_valid_and_hardened(tmp_path):
     assert d["ExecStart"][0].startswith(f"{BIN}/gunicorn -c python:mlpipe.gunicorn_conf -p /srv/mlpipe/run/mlpipe-credit-risk/gunicorn.pid")
     # it writes only its pidfile folder, the model folder (.last-good) and the folder of its SQLite capture
     # database (by default the host's own); /tmp is private
-    assert d["ReadWritePaths"] == ["/srv/mlpipe/run/mlpipe-credit-risk /srv/mlpipe/models/credit-risk /srv/mlpipe/capture"]
+    assert d["ReadWritePaths"] == ["/srv/mlpipe/run/mlpipe-credit-risk /srv/mlpipe/models /srv/mlpipe/capture"]  # every model's folder: one added later writes its .last-good
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
                        "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
                        "RestrictSUIDSGID": "yes", "LockPersonality": "yes", "CapabilityBoundingSet": ""}.items():
@@ -85,7 +85,7 @@ def test_unit_with_a_postgresql_capture_database_writes_no_capture_folder(tmp_pa
     """Capture into PostgreSQL needs no folder on the host: ReadWritePaths keeps the two of the server."""
     unit = render(tmp_path, model_server_capture_db="postgresql://mlpipe@db.internal/capture")
     assert verify(unit).returncode == 0
-    assert directives(unit)["ReadWritePaths"] == ["/srv/mlpipe/run/mlpipe-credit-risk /srv/mlpipe/models/credit-risk"]
+    assert directives(unit)["ReadWritePaths"] == ["/srv/mlpipe/run/mlpipe-credit-risk /srv/mlpipe/models"]
 
 
 def test_unit_without_a_service_user_is_valid(tmp_path):
