@@ -2,6 +2,7 @@
 and are stopped (and reaped) by the fixture that started them."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -32,6 +33,35 @@ def which(name: str) -> str:
     if not path:
         pytest.fail(f"{name} is not installed: run 'make test' (it installs what the suite needs)")
     return path
+
+
+@contextlib.contextmanager
+def haproxy_backend(tmp_path: Path, servers: list[str]):
+    """A real HAProxy (child process, -db) with one backend ``mlpipe`` of ``servers`` (each "NAME
+    HOST:PORT [options]", health-checked on GET / every 100 ms) and its admin socket, whose path it
+    yields once the frontend listens."""
+    sock, front = tmp_path / "haproxy.sock", free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(f"""global
+    stats socket {sock} mode 600 level admin
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+frontend f
+    bind 127.0.0.1:{front}
+    default_backend mlpipe
+backend mlpipe
+    option httpchk GET /
+    default-server inter 100ms fall 1 rise 1
+""" + "".join(f"    server {s} check\n" for s in servers))
+    proc = subprocess.Popen([which("haproxy"), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port("127.0.0.1", front, proc)
+        yield str(sock)
+    finally:
+        stop(proc)
 
 
 @pytest.fixture(scope="session")

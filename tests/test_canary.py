@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from mlpipe import canary
 from mlpipe.errors import UsageError
 from mlpipe.serve.prometheus import LATENCY_BUCKETS, VALUE_BUCKETS
-from conftest import free_port, run_cli, stop, wait_port, which
+from conftest import free_port, haproxy_backend, run_cli, stop, wait_port
 
 
 class Host:
@@ -379,42 +379,21 @@ def test_weights_give_the_canary_its_share():
 
 @pytest.fixture
 def haproxy(tmp_path):
-    sock = tmp_path / "haproxy.sock"
     ports = [free_port() for _ in range(3)]
     listeners = [subprocess.Popen(["python3", "-m", "http.server", str(p), "--bind", "127.0.0.1"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path) for p in ports]
     for p, proc in zip(ports, listeners):
         wait_port("127.0.0.1", p, proc)
-    front = free_port()
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(f"""global
-    stats socket {sock} mode 600 level admin
-defaults
-    mode http
-    timeout connect 1s
-    timeout client 5s
-    timeout server 5s
-frontend f
-    bind 127.0.0.1:{front}
-    default_backend mlpipe
-backend mlpipe
-    option httpchk GET /
-    default-server inter 100ms fall 1 rise 1
-    server ms1 127.0.0.1:{ports[0]} check
-    server ms2 127.0.0.1:{ports[1]} check
-    server ms3 127.0.0.1:{ports[2]} check weight 2
-""")
-    proc = subprocess.Popen([which("haproxy"), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers = [f"ms1 127.0.0.1:{ports[0]}", f"ms2 127.0.0.1:{ports[1]}", f"ms3 127.0.0.1:{ports[2]} weight 2"]
     try:
-        wait_port("127.0.0.1", front, proc)
-        from mlpipe.fleet import lb_status
-        import time
-        deadline = time.monotonic() + 10
-        while len(lb_status(str(sock), "mlpipe")["up"]) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        yield str(sock)
+        with haproxy_backend(tmp_path, servers) as sock:
+            from mlpipe.fleet import lb_status
+            import time
+            deadline = time.monotonic() + 10
+            while len(lb_status(sock, "mlpipe")["up"]) < 3 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            yield sock
     finally:
-        stop(proc)
         for p in listeners:
             stop(p)
 

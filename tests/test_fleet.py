@@ -10,7 +10,7 @@ import pytest
 from mlpipe import fleet, hostdir
 from mlpipe.errors import Locked, NotFound, UsageError
 from mlpipe.registry import Registry
-from conftest import free_port, run_cli, stop, wait_port, which
+from conftest import free_port, haproxy_backend, run_cli, stop, wait_port
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -150,34 +150,14 @@ def test_deactivate_leaves_nothing_a_worker_could_load(tmp_path, built):
 
 @pytest.fixture
 def haproxy(tmp_path):
-    sock = tmp_path / "haproxy.sock"
-    up_port, front = free_port(), free_port()
+    up_port = free_port()
     listener = subprocess.Popen(["python3", "-m", "http.server", str(up_port), "--bind", "127.0.0.1"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     wait_port("127.0.0.1", up_port, listener)
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(f"""global
-    stats socket {sock} mode 600 level admin
-defaults
-    mode http
-    timeout connect 1s
-    timeout client 5s
-    timeout server 5s
-frontend f
-    bind 127.0.0.1:{front}
-    default_backend mlpipe
-backend mlpipe
-    option httpchk GET /
-    default-server inter 100ms fall 1 rise 1
-    server a 127.0.0.1:{up_port} check
-    server b 127.0.0.1:{free_port()} check
-""")
-    proc = subprocess.Popen([which("haproxy"), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_port("127.0.0.1", front, proc)
-        yield str(sock)
+        with haproxy_backend(tmp_path, [f"a 127.0.0.1:{up_port}", f"b 127.0.0.1:{free_port()}"]) as sock:
+            yield sock
     finally:
-        stop(proc)
         stop(listener)
 
 
