@@ -270,21 +270,6 @@ def _inputs_json(features, X) -> list[str]:
     return [dumps(dict(zip(names, r))) for r in (X.tolist() if hasattr(X, "tolist") else X)]
 
 
-@contextlib.contextmanager
-def _short_switch_interval(seconds: float = 0.0005):
-    """The writer's conversion holds the interpreter lock; a request thread that needs it back (after
-    each socket read, write and onnxruntime run) waits up to the switch interval, 5 ms by default:
-    during a batch, that wait is most of a one-row prediction's time. A short interval while the
-    writer converts gives it back within 0.5 ms."""
-    import sys
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(interval, seconds))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(interval)
-
-
 def _numeric_inputs_json(batch: list) -> dict:
     """{item index: its rows' JSON objects} for the queue items whose inputs are numeric matrices,
     worked out for all the items of one feature list at once: one vstack and one orjson call for the
@@ -989,8 +974,7 @@ class Recorder:
                 if not batch:
                     break
                 cpu = time.thread_time()
-                with _short_switch_interval():
-                    rows, invalid = self._rows(batch)
+                rows, invalid = self._rows(batch)
                 if self._store is not None and self._store.file_replaced():  # one os.stat per batch
                     log.warning("capture: the SQLite file %s was deleted or replaced: creating it again (rows "
                                 "written to the old file since it went are lost)", self.shown)
