@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from mlpipe import artifact, data
+from mlpipe import artifact, data, linear
 from mlpipe.errors import DataError, SpecError
 from mlpipe.spec import Spec, import_object
 
@@ -209,6 +209,10 @@ def train(spec: Spec, workdir: Path, message: str = "", parent: dict | None = No
     baseline_bytes, baseline_info = baseline(X_train, predicted.predict(X_test), classifier)
     if baseline_bytes is not None:
         extra[baseline_info["file"]] = baseline_bytes
+    sig = signature(X, y, est)
+    linear_bytes = linear.export(est, X_test, predicted.predict(X_test), sig)
+    if linear_bytes is not None:  # the serving fast path for small requests (mlpipe.linear)
+        extra[linear.FILE] = linear_bytes
     manifest = {
         "name": spec.name,
         "message": message,
@@ -220,7 +224,7 @@ def train(spec: Spec, workdir: Path, message: str = "", parent: dict | None = No
                  "target": spec.data["target"], "train_rows": int(len(X_train)), "test_rows": int(len(X_test)),
                  "holdout": holdout_info},
         "split": split_params(spec, classifier),
-        "signature": signature(X, y, est),
+        "signature": sig,
         "gate": spec.gate,
         "baseline": baseline_info,
         "library_versions": artifact.library_versions(),

@@ -171,7 +171,7 @@ def create_app(config: dict | None = None):
         cap.offer(m, rid, X, labels, t0)
         out = []
         if outputs is None or "predict" in outputs:
-            labels_list = np.asarray(labels).tolist()
+            labels_list = labels if type(labels) is list else np.asarray(labels).tolist()
             out.append({"name": "predict", "datatype": m.target_datatype if m.kind == "classification" else "FP64",
                         "shape": [len(labels_list)], "data": labels_list})
         if want_proba and probs is not None:
@@ -187,7 +187,8 @@ def create_app(config: dict | None = None):
         labels, _ = m.predict(X)
         mx.predictions(m, labels)
         cap.offer(m, rid, X, labels, t0)
-        return {"predictions": np.asarray(labels).tolist(), "model_version": m.version_label, "request_id": rid}
+        return {"predictions": labels if type(labels) is list else np.asarray(labels).tolist(),
+                "model_version": m.version_label, "request_id": rid}
 
     def _t0() -> float | None:
         return None if request.headers.get("X-Mlpipe-Capture", "").lower() == "off" else time.perf_counter()

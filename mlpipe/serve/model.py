@@ -11,7 +11,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,6 +29,15 @@ OIP_NP = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np
           "FP32": np.float32, "FP64": np.float64}
 
 
+class Scored(NamedTuple):
+    """Rows of a small request and the labels the linear scorer gave them (``LoadedModel.linear``)."""
+    rows: list
+    labels: list
+
+    def matrix(self) -> np.ndarray:
+        return np.asarray(self.rows, dtype=np.float64)
+
+
 @dataclass
 class LoadedModel:
     manifest: dict
@@ -41,6 +50,7 @@ class LoadedModel:
     _input_dtype: Any = np.float64
     _outputs: list = field(default_factory=list)
     _run: Any = None
+    linear: Any = None               # a mlpipe.linear.LinearScorer for small requests, when the version has one
 
     def __post_init__(self):
         sig = self.manifest["signature"]
@@ -84,15 +94,46 @@ class LoadedModel:
             model, manifest = artifact.load_model(path, manifest)  # refuses a scikit-learn major.minor skew
             m = cls(manifest, "sklearn", path)
             m._model = model
+        m._load_linear(files)
         m.warm()
         return m
+
+    def _load_linear(self, files: dict) -> None:
+        """The plain-Python scorer of a linear model (mlpipe.linear), for small requests: when the
+        version has one, its sha256 matches and it predicts what the model predicts on a few rows."""
+        from mlpipe import linear
+        if linear.FILE not in files or not self.numeric or self.allow_nan:
+            return
+        try:
+            artifact.verify_dir(self.path, self.manifest, only=[linear.FILE])
+            scorer = linear.LinearScorer.from_json((self.path / linear.FILE).read_bytes())
+            if scorer.n_features != len(self.features) or (
+                    scorer.classes is not None) != (self.kind == "classification") or (
+                    scorer.classes is not None and scorer.classes != self.classes):
+                raise ValueError("it does not fit the model's signature")
+            rows = [[0.0] * len(self.features), [1.0] * len(self.features),
+                    [float(i % 7) - 3.0 for i in range(len(self.features))]]
+            want = self.predict(np.asarray(rows, dtype=np.float64))[0]
+            got = scorer.labels(rows)
+            same = got is not None and (got == np.asarray(want).tolist() if self.kind == "classification"
+                                        else np.allclose(got, np.asarray(want, dtype=np.float64), rtol=1e-5, atol=1e-6))
+            if not same:
+                raise ValueError(f"it predicts {got} where the model predicts {np.asarray(want).tolist()}")
+        except (MlpipeError, OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("version %s at %s: not using %s (%s); every request goes through %s",
+                        self.version, self.path, linear.FILE, exc, self.runtime)
+            return
+        self.linear = scorer
 
     def warm(self) -> None:
         if self.numeric:
             self.predict(np.zeros((1, len(self.features))), proba=self.kind == "classification")
 
     def predict(self, X, proba: bool = False):
-        """X: float matrix (numeric models) or DataFrame. Returns (labels, probabilities or None)."""
+        """X: float matrix (numeric models) or DataFrame, or the ``Scored`` rows the linear fast path
+        already predicted. Returns (labels, probabilities or None)."""
+        if type(X) is Scored:
+            return X.labels, None
         if self._sess is not None:
             feed = {self._input_name: np.ascontiguousarray(X, dtype=self._input_dtype)}
             outs = self._run(self._outputs, feed, None) if self._run else self._sess.run(None, feed)

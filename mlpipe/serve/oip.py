@@ -8,7 +8,7 @@ import numpy as np
 
 from mlpipe.errors import PayloadTooLarge
 from mlpipe.serve.model import NUMERIC_OIP, OIP_NP, LoadedModel
-from mlpipe.serve.validation import bad, check_rows, finite_check, parse_json, takes, to_matrix
+from mlpipe.serve.validation import bad, check_rows, finite_check, parse_json, scored, takes, to_matrix
 
 
 def parse_infer(m: LoadedModel, body: bytes, header_length: str | None, max_rows: int):
@@ -26,6 +26,10 @@ def parse_infer(m: LoadedModel, body: bytes, header_length: str | None, max_rows
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise bad("an infer request is an object with a non-empty 'inputs' list",
                   hint='e.g. {"inputs": [{"name": "...", "shape": [1], "datatype": "FP64", "data": [1.0]}]}')
+    if m.linear is not None and not binary:
+        fast = _scored_infer(m, doc, max_rows)
+        if fast is not None:
+            return fast
     offset = 0
     tensors = []
     for i, t in enumerate(doc["inputs"]):
@@ -72,15 +76,7 @@ def parse_infer(m: LoadedModel, body: bytes, header_length: str | None, max_rows
                     raise bad(f"input '{name}': {flat.size} values do not fit shape {shape}")
                 arr = flat.reshape(shape)
         tensors.append((name, datatype, arr))
-    outputs = None
-    if doc.get("outputs") is not None:
-        if not isinstance(doc["outputs"], list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in doc["outputs"]):
-            raise bad("'outputs' must be a list of objects with a 'name'")
-        outputs = [o["name"] for o in doc["outputs"]]
-        allowed = {"predict", "predict_proba"} if m.kind == "classification" else {"predict"}
-        unknown = [o for o in outputs if o not in allowed]
-        if unknown:
-            raise bad(f"unknown output '{unknown[0]}'", hint=f"this model has: {', '.join(sorted(allowed))}")
+    outputs = requested_outputs(m, doc)
     request_id = doc.get("id") if isinstance(doc.get("id"), str) else None
     # one 2-D tensor holding every feature, or one tensor per feature
     if len(tensors) == 1 and tensors[0][0] not in m.index:
@@ -122,3 +118,43 @@ def parse_infer(m: LoadedModel, body: bytes, header_length: str | None, max_rows
         return X, outputs, request_id
     rows = [list(r) for r in zip(*[columns[f].tolist() for f in m.features])]
     return to_matrix(m, rows, m.features, max_rows), outputs, request_id
+
+
+def requested_outputs(m: LoadedModel, doc: dict) -> list[str] | None:
+    """The output names an infer request asks for (None: the default, predict)."""
+    if doc.get("outputs") is None:
+        return None
+    if not isinstance(doc["outputs"], list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in doc["outputs"]):
+        raise bad("'outputs' must be a list of objects with a 'name'")
+    outputs = [o["name"] for o in doc["outputs"]]
+    allowed = {"predict", "predict_proba"} if m.kind == "classification" else {"predict"}
+    unknown = [o for o in outputs if o not in allowed]
+    if unknown:
+        raise bad(f"unknown output '{unknown[0]}'", hint=f"this model has: {', '.join(sorted(allowed))}")
+    return outputs
+
+
+def _scored_infer(m: LoadedModel, doc: dict, max_rows: int):
+    """The linear fast path (mlpipe.linear) for the common small request: one FP64/FP32 tensor of
+    JSON data with shape [rows, features], predict only. None for anything else (or when the scorer
+    declines the values): the general parser above then checks the request as always."""
+    inputs = doc["inputs"]
+    if len(inputs) != 1:
+        return None
+    t = inputs[0]
+    if type(t) is not dict or t.get("parameters") or t.get("datatype") not in ("FP64", "FP32"):
+        return None
+    name, shape, data = t.get("name"), t.get("shape"), t.get("data")
+    n = len(m.features)
+    if type(name) is not str or name in m.index or type(shape) is not list or len(shape) != 2 or shape[1] != n \
+            or type(shape[0]) is not int or type(shape[1]) is not int or type(data) is not list or len(data) != shape[0] * n:
+        return None
+    outputs = doc.get("outputs")
+    if outputs is not None:  # predict only; anything else (or a malformed list) is the general path's
+        if type(outputs) is not list or not all(type(o) is dict and o.get("name") == "predict" for o in outputs):
+            return None
+        outputs = ["predict"] * len(outputs)
+    fast = scored(m, [data[i:i + n] for i in range(0, len(data), n)] if n else [], max_rows)
+    if fast is None:
+        return None
+    return fast, outputs, doc.get("id") if isinstance(doc.get("id"), str) else None

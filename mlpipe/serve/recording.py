@@ -15,7 +15,7 @@ from typing import Any
 
 from mlpipe.errors import MlpipeError, PayloadTooLarge
 from mlpipe.spec import CAPTURE_DEFAULTS
-from mlpipe.serve.model import LoadedModel
+from mlpipe.serve.model import LoadedModel, Scored
 from mlpipe.serve.prometheus import metrics
 from mlpipe.serve.validation import bad
 
@@ -24,19 +24,25 @@ log = logging.getLogger("mlpipe.serve")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
-_ID_PREFIX = {"pid": None, "prefix": ""}
+_ID_PREFIX = {"prefix": ""}
 _ID_COUNTER = itertools.count()
+
+
+def _new_id_prefix() -> None:
+    _ID_PREFIX["prefix"] = os.urandom(8).hex()
+
+
+_new_id_prefix()
+os.register_at_fork(after_in_child=_new_id_prefix)  # a forked worker draws its own
 
 
 def request_id(given: str | None) -> str:
     """The client's own id when it is a sane one (X-Request-Id), else a new one: 16 random hex digits
-    drawn once per process, then a counter (an os.urandom call per request cost ~15 us, a tenth of a
+    drawn once per process (a forked worker draws its own), then a counter (an os.urandom call per request cost ~15 us, a tenth of a
     one-row prediction). Unique across processes and restarts; not a secret (POST /feedback is behind
     the same bearer token as the predictions)."""
     if given and REQUEST_ID_RE.match(given):
         return given
-    if _ID_PREFIX["pid"] != os.getpid():  # a forked worker draws its own
-        _ID_PREFIX.update(pid=os.getpid(), prefix=os.urandom(8).hex())
     return f"{_ID_PREFIX['prefix']}{next(_ID_COUNTER):08x}"
 
 
@@ -100,6 +106,8 @@ class Capture:
         if rec is None:
             return
         try:
+            if type(X) is Scored:  # the linear fast path's rows
+                X = X.matrix()
             rec.offer(m.name, m.version, rid, m.features, X, labels, (time.perf_counter() - t0) * 1000.0)
         except Exception as exc:  # documented never to raise; belt and braces on the request path
             log.error("prediction capture failed: %s", exc)

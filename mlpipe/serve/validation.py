@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 
 from mlpipe.errors import PayloadTooLarge, ValidationError
-from mlpipe.serve.model import NUMERIC_OIP, LoadedModel
+from mlpipe.serve.model import NUMERIC_OIP, LoadedModel, Scored
 
 
 def parse_json(body: bytes):
@@ -82,8 +82,21 @@ def _invalid(m: LoadedModel, rows: list, names: list[str]) -> ValidationError:
     return _first_error(m, rows, names) or bad("rows are not a table of numbers", hint="send one list of values per row")
 
 
+def scored(m: LoadedModel, rows, max_rows: int) -> Scored | None:
+    """Rows in signature order already predicted by the model's linear scorer (mlpipe.linear), or
+    None: the model has none, or the request is not one it takes (then ``to_matrix`` checks it)."""
+    if m.linear is None or type(rows) is not list or len(rows) > max_rows:
+        return None
+    labels = m.linear.labels(rows)
+    return None if labels is None else Scored(rows, labels)
+
+
 def to_matrix(m: LoadedModel, rows: list, names: list[str], max_rows: int):
     """Rows of values in ``names`` order -> what the model takes, in signature order."""
+    if names is m.features or names == m.features:
+        fast = scored(m, rows, max_rows)
+        if fast is not None:
+            return fast
     if not isinstance(rows, list):
         raise bad(f"expected a list of rows, got {type(rows).__name__}")
     check_rows(len(rows), max_rows)
