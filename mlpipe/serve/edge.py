@@ -30,25 +30,24 @@ class Edge:
     def __call__(self, environ, start_response):
         t0 = time.perf_counter()
         route, params = match(environ.get("PATH_INFO", ""))
-        status_seen = []
-
-        def sr(status, headers, exc_info=None):
-            status_seen.append(status)
-            return start_response(status, headers, exc_info)
-
         if self.tokens and (route is None or not route.public) and not authorized(
                 environ.get("HTTP_AUTHORIZATION", ""), self.tokens):
-            result = self._respond(sr, 401, {"error": str(Unauthorized("missing or wrong bearer token",
-                                                                       hint="send Authorization: Bearer <token>"))},
-                                   [("WWW-Authenticate", "Bearer")])
+            status, result = self._respond(start_response, 401, {"error": str(Unauthorized(
+                "missing or wrong bearer token", hint="send Authorization: Bearer <token>"))}, [("WWW-Authenticate", "Bearer")])
         elif route is not None and route.edge and environ.get("REQUEST_METHOD") in route.methods \
                 and environ.get("CONTENT_LENGTH"):
-            result = self._predict(environ, sr, self.handlers[route.view], params,
-                                   None if environ.get("HTTP_X_MLPIPE_CAPTURE", "").lower() == "off" else t0)
-        else:
+            status, result = self._predict(environ, start_response, self.handlers[route.view], params,
+                                           None if environ.get("HTTP_X_MLPIPE_CAPTURE", "").lower() == "off" else t0)
+        else:  # through Flask
+            seen = []
+
+            def sr(status, headers, exc_info=None):
+                seen.append(status)
+                return start_response(status, headers, exc_info)
             result = self.app(environ, sr)
-        if status_seen and (route is None or route.counted):
-            self.mx.request(route.rule if route is not None else "unmatched", int(status_seen[0][:3]),
+            status = int(seen[0][:3]) if seen else None
+        if status is not None and (route is None or route.counted):
+            self.mx.request(route.rule if route is not None else "unmatched", status,
                             time.perf_counter() - t0, self._model_label(params))
         return result
 
@@ -79,7 +78,8 @@ class Edge:
             log.exception("unexpected error on %s", environ.get("PATH_INFO", ""))
             return self._respond(sr, 500, {"error": "internal error; see the server log"}, extra)
 
-    def _respond(self, sr, status: int, doc: dict, extra: list | None = None):
+    def _respond(self, sr, status: int, doc: dict, extra: list | None = None) -> tuple[int, list]:
+        """(status, the WSGI body) of a JSON answer, started with ``sr``."""
         body = dumps(doc)
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         # the version that answered (the slot may have switched since the prediction started)
@@ -90,8 +90,11 @@ class Edge:
             only = self.models.only()
             if only is not None and only.model is not None:
                 headers.append(("X-Model-Version", only.model.version_label))
-        sr(f"{status} {HTTPStatus(status).phrase.upper()}", headers + (extra or []))
-        return [body]
+        sr(_STATUS.get(status) or f"{status} {HTTPStatus(status).phrase.upper()}", headers + (extra or []))
+        return status, [body]
+
+
+_STATUS = {s.value: f"{s.value} {s.phrase.upper()}" for s in HTTPStatus}
 
 
 def dumps(doc) -> bytes:

@@ -64,7 +64,7 @@ def parse_invocations(m: LoadedModel, content_type: str, body: bytes, max_rows: 
         raise bad("the JSON body must have exactly one of dataframe_split, dataframe_records, instances, inputs"
                   + (f" (got {', '.join(keys)})" if keys else ""),
                    hint='e.g. {"dataframe_split": {"columns": [...], "data": [[...]]}}')
-    unknown = set(doc) - {keys[0], "params"}
+    unknown = set(doc) - {keys[0], "params"} if len(doc) > 1 else None
     if unknown:
         raise bad(f"unknown top-level key '{sorted(unknown)[0]}'")
     payload = doc[keys[0]]

@@ -96,7 +96,7 @@ class _Metrics:
             p = self._pending
             p.rows[v] = p.rows.get(v, 0) + len(labels)
             if m.kind == "classification":
-                for label in labels.tolist() if hasattr(labels, "tolist") else labels:
+                for label in labels if type(labels) is list else labels.tolist() if hasattr(labels, "tolist") else labels:
                     p.classes[(*v, label)] = p.classes.get((*v, label), 0) + 1
             else:
                 p.values.setdefault(v, []).extend(np.asarray(labels, dtype=np.float64).tolist())
