@@ -84,8 +84,13 @@ def test_scorer_declines_what_the_general_path_must_check():
     ]
     for rows in declined:
         assert s.labels(rows) is None, rows
+    assert s.matrix_labels(np.array([[1.0, 0.0, 3.0], [0.0, 1.0, 3.0]])).tolist() == ["yes", "no"]
+    assert s.matrix_labels(np.array([[1e308, -1e308, 0.0]])) is None  # an overflow: the model's own run decides
     multi = linear.LinearScorer([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], [0.0, 0.0, 0.0], [3, 1, 2])
     assert multi.labels([[2.0, 1.0], [0.0, 5.0]]) == [3, 1]  # a tie goes to the first class, as argmax does
+    assert multi.matrix_labels(np.array([[2.0, 1.0], [0.0, 5.0]])).tolist() == [3, 1]
+    reg = linear.LinearScorer([[2.0, 1.0]], [0.5], None)
+    assert reg.labels([[1.0, 1.0]]) == [3.5] and reg.matrix_labels(np.array([[1.0, 1.0], [0.0, 0.0]])).tolist() == [3.5, 0.5]
     with pytest.raises(ValueError):
         linear.LinearScorer([[1.0, math.nan]], [0.0], None)
     with pytest.raises(ValueError):
@@ -241,3 +246,26 @@ def test_a_tampered_linear_file_is_not_used(tmp_path, write_spec, caplog):
     assert "not using linear.json" in caplog.text and "sha256 mismatch" in caplog.text
     r = app.test_client().post("/invocations", json={"instances": [[0.5] * len(m.features)]})
     assert r.status_code == 200
+
+
+def test_fast_path_answers_are_captured_like_any_other(apps, tmp_path):
+    """The rows the linear scorer answered reach the capture database as a matrix, like the general path's."""
+    from mlpipe import capture
+    from mlpipe.serve import metrics
+    fast_client, _, features = apps["lin-bin"]
+    d = fast_client.application.extensions["mlpipe"].only().model_dir
+    app = create_app({"model_dir": str(d), "capture_db": f"sqlite:///{tmp_path}/capture.db", "capture_sample": 1,
+                      "host": "h"})
+    assert app.extensions["mlpipe"].only().model.linear is not None
+    c = app.test_client()
+    rows = [[0.25 * (i + 1)] * len(features) for i in range(3)]
+    r = c.post("/invocations", json={"instances": rows})
+    oip = c.post("/v2/models/lin-bin/infer", json={"inputs": [{"name": "x", "shape": [1, len(features)], "datatype": "FP64",
+                                                                "data": rows[0]}]})
+    assert r.status_code == oip.status_code == 200
+    metrics().capture_source.flush()
+    got = capture.Store(f"sqlite:///{tmp_path}/capture.db").predictions("lin-bin")
+    mine = got[got.request_id == r.json["request_id"]].sort_values("row")
+    assert mine.prediction.tolist() == r.json["predictions"]
+    assert np.allclose([[row[f] for f in features] for _, row in mine.iterrows()], rows)
+    assert got[got.request_id == oip.json["request_id"]].prediction.tolist() == oip.json["outputs"][0]["data"]

@@ -114,11 +114,12 @@ class LoadedModel:
             rows = [[0.0] * len(self.features), [1.0] * len(self.features),
                     [float(i % 7) - 3.0 for i in range(len(self.features))]]
             want = self.predict(np.asarray(rows, dtype=np.float64))[0]
-            got = scorer.labels(rows)
-            same = got is not None and (got == np.asarray(want).tolist() if self.kind == "classification"
-                                        else np.allclose(got, np.asarray(want, dtype=np.float64), rtol=1e-5, atol=1e-6))
-            if not same:
-                raise ValueError(f"it predicts {got} where the model predicts {np.asarray(want).tolist()}")
+            for got in (scorer.labels(rows), scorer.matrix_labels(np.asarray(rows, dtype=np.float64))):
+                got = None if got is None else np.asarray(got).tolist()
+                same = got is not None and (got == np.asarray(want).tolist() if self.kind == "classification"
+                                            else np.allclose(got, np.asarray(want, dtype=np.float64), rtol=1e-5, atol=1e-6))
+                if not same:
+                    raise ValueError(f"it predicts {got} where the model predicts {np.asarray(want).tolist()}")
         except (MlpipeError, OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("version %s at %s: not using %s (%s); every request goes through %s",
                         self.version, self.path, linear.FILE, exc, self.runtime)
@@ -134,6 +135,10 @@ class LoadedModel:
         already predicted. Returns (labels, probabilities or None)."""
         if type(X) is Scored:
             return X.labels, None
+        if self.linear is not None and not proba and type(X) is np.ndarray:
+            labels = self.linear.matrix_labels(X)
+            if labels is not None:
+                return labels, None
         if self._sess is not None:
             feed = {self._input_name: np.ascontiguousarray(X, dtype=self._input_dtype)}
             outs = self._run(self._outputs, feed, None) if self._run else self._sess.run(None, feed)
