@@ -4,8 +4,9 @@ what gunicorn costs (accept, HTTP parsing, writing, closing; the same for both) 
 
 Prints microseconds per request for the ceiling function and for mlpipe's /invocations and OIP v2
 infer (1-row LogisticRegression on breast_cancer, capture off, served as `mlpipe serve` would: its
-ONNX export when there is one, metrics in a multi-process folder), then cProfile's top functions of
-the mlpipe path by own time and by cumulative time, so the next thing to cut is named. For the whole
+linear.json scorer (mlpipe.linear) for small requests, else its ONNX export; metrics in a
+multi-process folder), then cProfile's top functions of the mlpipe path by own time and by
+cumulative time, so the next thing to cut is named. For the whole
 worker under load (gunicorn's share included), sample a live worker instead, e.g.
 `py-spy record -p <worker pid> -f raw` while wrk runs.
 
