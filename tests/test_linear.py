@@ -60,6 +60,44 @@ def test_regressors_export_only_when_linear(make, exported):
         assert np.allclose(got, est_pred, rtol=1e-9)
 
 
+def test_float_and_bool_labels_are_not_exported():
+    """ONNX Runtime answers them as integers; the scorer would answer 1.0 or true: not the same JSON."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+    X, y = load_breast_cancer(return_X_y=True)
+    assert _fit(LogisticRegression(max_iter=5000), X, y.astype(float))[0] is None
+    assert _fit(LogisticRegression(max_iter=5000), X, y.astype(bool))[0] is None
+    assert _fit(LogisticRegression(max_iter=5000), X, np.where(y == 1, "yes", "no"))[0] is not None
+
+
+def test_scaling_is_applied_as_scikit_learn_does_even_with_a_large_mean():
+    """Rows a hair from the decision boundary, features with a mean of 1.7e9 and a scale of 1: folding
+    the scaler into the weights would lose the digits that decide them; scaling first does not."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    rng = np.random.default_rng(3)
+    X = rng.normal(0, 1, size=(400, 3)) + np.array([1.7e9, -2.3e8, 5.0])
+    y = (X[:, 0] - 1.7e9 + 0.5 * (X[:, 1] + 2.3e8) > 0).astype(int)
+    est = make_pipeline(StandardScaler(), LogisticRegression())
+    data, Xf = _fit(est, X, y)
+    assert data is not None
+    scorer = linear.LinearScorer.from_json(data)
+    # rows whose score is about +-1e-9: move along the first feature until the decision function crosses 0
+    lr, sc = est[-1], est[0]
+    base = Xf.iloc[:200].to_numpy()
+    step = 1e-9 / lr.coef_[0, 0] * sc.scale_[0]
+    near = base.copy()
+    near[:, 0] = base[:, 0] - lr.decision_function(sc.transform(base)) / lr.coef_[0, 0] * sc.scale_[0]
+    rows = np.vstack([near + k * step for k in (-3, -1, 0, 1, 3)])
+    import pandas as pd
+    want = est.predict(pd.DataFrame(rows, columns=Xf.columns)).tolist()
+    got = [label for i in range(0, len(rows), linear.MAX_ROWS) for label in scorer.labels(rows[i:i + linear.MAX_ROWS].tolist())]
+    assert got == want
+    assert scorer.matrix_labels(rows).tolist() == want
+    assert 0 < sum(want) < len(want)  # both sides of the boundary are there
+
+
 def test_other_pipelines_and_multi_target_are_not_exported():
     from sklearn.datasets import load_iris
     from sklearn.decomposition import PCA
@@ -148,8 +186,10 @@ def _same(fast, slow, path, body):
 def _close(a, b) -> bool:
     """Equal JSON, floats within 1e-6 relative (a regressor's values: Python's float64 sum against
     ONNX Runtime's own order of additions)."""
-    if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):

@@ -113,14 +113,16 @@ class LoadedModel:
                 raise ValueError("it does not fit the model's signature")
             rows = [[0.0] * len(self.features), [1.0] * len(self.features),
                     [float(i % 7) - 3.0 for i in range(len(self.features))]]
-            want = self.predict(np.asarray(rows, dtype=np.float64))[0]
+            want = self._run_model(np.asarray(rows, dtype=np.float64), False)[0]
+            want = np.asarray(want).tolist()
             for got in (scorer.labels(rows), scorer.matrix_labels(np.asarray(rows, dtype=np.float64))):
                 got = None if got is None else np.asarray(got).tolist()
-                same = got is not None and (got == np.asarray(want).tolist() if self.kind == "classification"
-                                            else np.allclose(got, np.asarray(want, dtype=np.float64), rtol=1e-5, atol=1e-6))
+                same = got is not None and (
+                    got == want and all(type(a) is type(b) for a, b in zip(got, want)) if self.kind == "classification"
+                    else np.allclose(got, np.asarray(want, dtype=np.float64), rtol=1e-5, atol=1e-6))
                 if not same:
-                    raise ValueError(f"it predicts {got} where the model predicts {np.asarray(want).tolist()}")
-        except (MlpipeError, OSError, ValueError, KeyError, TypeError) as exc:
+                    raise ValueError(f"it predicts {got!r} where the model predicts {want!r}")
+        except Exception as exc:  # an accelerator only: whatever is wrong with it, the model serves without it
             log.warning("version %s at %s: not using %s (%s); every request goes through %s",
                         self.version, self.path, linear.FILE, exc, self.runtime)
             return
@@ -135,10 +137,13 @@ class LoadedModel:
         already predicted. Returns (labels, probabilities or None)."""
         if type(X) is Scored:
             return X.labels, None
-        if self.linear is not None and not proba and type(X) is np.ndarray:
+        if self.linear is not None and type(X) is np.ndarray:
             labels = self.linear.matrix_labels(X)
-            if labels is not None:
-                return labels, None
+            if labels is not None:  # the labels are the scorer's whatever is asked, so they never depend on it
+                return labels, (self._run_model(X, proba)[1] if proba else None)
+        return self._run_model(X, proba)
+
+    def _run_model(self, X, proba: bool):
         if self._sess is not None:
             feed = {self._input_name: np.ascontiguousarray(X, dtype=self._input_dtype)}
             outs = self._run(self._outputs, feed, None) if self._run else self._sess.run(None, feed)
