@@ -788,7 +788,9 @@ def test_multi_model_host_follows_folders_without_a_reload(models_root, fleet, d
         def workers():  # the gunicorn master's children
             master = int(server.pidfile.read_text())
             return {int(p) for f in Path(f"/proc/{master}/task").glob("*/children") for p in f.read_text().split()}
-        pids = workers()
+        deadline = time.monotonic() + 30  # gunicorn spawns workers one by one; ready means one answered
+        while len(pids := workers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert len(pids) == 2, pids
         iris, _ = _iris_rows(1)
         stop, results = threading.Event(), []
