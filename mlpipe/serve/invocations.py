@@ -44,7 +44,7 @@ def records_to_matrix(m: LoadedModel, records: list, max_rows: int):
 
 
 def parse_invocations(m: LoadedModel, content_type: str, body: bytes, max_rows: int):
-    ctype = (content_type or "").split(";")[0].strip().lower()
+    ctype = content_type if content_type == "application/json" else (content_type or "").split(";")[0].strip().lower()
     if ctype == "text/csv":
         import pandas as pd
         try:
@@ -72,7 +72,9 @@ def parse_invocations(m: LoadedModel, content_type: str, body: bytes, max_rows: 
         if not isinstance(payload, dict) or "data" not in payload:
             raise bad("dataframe_split must be an object with 'columns' and 'data'")
         columns = payload.get("columns", m.features)
-        if columns != m.features and (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)):
+        if columns is m.features or columns == m.features:
+            columns = m.features  # the very list: to_matrix need not compare it again
+        elif not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
             raise bad("dataframe_split.columns must be a list of feature names")
         return to_matrix(m, payload["data"], columns, max_rows)
     if keys[0] == "dataframe_records":

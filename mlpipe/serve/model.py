@@ -301,9 +301,20 @@ class Models:
         self.watching = False
         if self.root is None:
             slot = ModelSlot(Path(model_dir), require_onnx)
-            self.slots[slot.key] = slot
+            self.slots = {slot.key: slot}
         else:
             self._scan()
+
+    @property
+    def slots(self) -> dict[str, ModelSlot]:
+        return self._slots
+
+    @slots.setter
+    def slots(self, value: dict[str, ModelSlot]) -> None:
+        """Always a new dict (readers never see one being changed), and with it the one slot of a
+        single-model host, which every unnamed request asks for (``only``)."""
+        self._slots = value
+        self._only = next(iter(value.values())) if len(value) == 1 else None
 
     def load(self) -> None:
         for slot in list(self.slots.values()):
@@ -376,8 +387,7 @@ class Models:
 
     def only(self) -> ModelSlot | None:
         """The slot that unnamed routes (/invocations, /metadata) use: the host's one model."""
-        slots = self.slots
-        return next(iter(slots.values())) if len(slots) == 1 else None
+        return self._only
 
     def names(self) -> list[str]:
         return sorted(self.slots)
