@@ -304,6 +304,10 @@ def _numeric_inputs_json(batch: list) -> dict:
     return out
 
 
+_FORKS = [0]  # how many forks this process is down from where it started: a recorder made before one resets
+os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
+
+
 def _size(value) -> int:
     """A cheap estimate of the memory a queued request's inputs or predictions hold: nbytes for
     numpy (strings in an object array from a sample), pandas' memory_usage, a sample of a list."""
@@ -803,6 +807,7 @@ class Recorder:
 
     def _reset(self) -> None:
         self._pid = os.getpid()
+        self._fork_gen = _FORKS[0]
         self._lock = threading.Lock()
         self._items: collections.deque = collections.deque()
         self._queued = 0
@@ -822,6 +827,7 @@ class Recorder:
         self._store: Store | None = None
 
     def _forked(self) -> None:
+        self._fork_gen = _FORKS[0]
         if self._pid == os.getpid():
             return
         if self._store is not None:
@@ -832,7 +838,7 @@ class Recorder:
     def offer(self, model, version, request_id, features, X, predictions, latency_ms) -> None:
         """Queue one request's rows for capture. Never blocks on the database, never raises."""
         try:
-            if self._pid != os.getpid():
+            if self._fork_gen != _FORKS[0]:  # not a getpid() per request: a counter os.register_at_fork moves
                 self._forked()
             n = len(predictions) if hasattr(predictions, "__len__") else 1
             if self._failing and time.monotonic() < self._backing_off_until:
@@ -840,8 +846,12 @@ class Recorder:
                     self._dropped["db_error"] += n
                 return
             # numeric arrays (the common case) sized inline; anything else estimated by _size
-            size = (X.nbytes + predictions.nbytes if type(X) is np.ndarray and type(predictions) is np.ndarray
-                    and X.dtype.kind != "O" and predictions.dtype.kind != "O" else _size(X) + _size(predictions))
+            size = (X.nbytes if type(X) is np.ndarray and X.dtype.kind != "O"
+                    else 32 * n * len(X[0]) if type(X) is list and X and type(X[0]) is list  # rows of numbers
+                    else _size(X)) + (
+                predictions.nbytes if type(predictions) is np.ndarray and predictions.dtype.kind != "O"
+                else 32 * n if type(predictions) is list and n and type(predictions[0]) in (int, float)  # numbers
+                else _size(predictions))
             item = (time.time(), model, version, request_id, features, X, predictions, latency_ms, size, n)
             with self._lock:
                 if self._closed:
@@ -922,6 +932,14 @@ class Recorder:
         request at a time (see ``_inputs_json``)."""
         out, invalid = [], 0
         host = self.host
+        for k, item in enumerate(batch):  # rows of floats as a server's fast path hands them: a matrix, here
+            if type(item[5]) is list and item[5] and all(type(r) is list for r in item[5]):
+                try:
+                    M = np.asarray(item[5], dtype=np.float64)
+                except (ValueError, TypeError):
+                    continue
+                if M.ndim == 2:
+                    batch[k] = (*item[:5], M, *item[6:])
         ready = _numeric_inputs_json(batch)
         for k, (ts, model, version, request_id, features, X, preds, latency_ms, _size_, n) in enumerate(batch):
             try:

@@ -34,9 +34,6 @@ class Scored(NamedTuple):
     rows: list
     labels: list
 
-    def matrix(self) -> np.ndarray:
-        return np.asarray(self.rows, dtype=np.float64)
-
 
 @dataclass
 class LoadedModel:

@@ -106,8 +106,8 @@ class Capture:
         if rec is None:
             return
         try:
-            if type(X) is Scored:  # the linear fast path's rows
-                X = X.matrix()
+            if type(X) is Scored:  # the linear fast path's rows of floats: the writer makes them a matrix
+                X = X.rows
             rec.offer(m.name, m.version, rid, m.features, X, labels, (time.perf_counter() - t0) * 1000.0)
         except Exception as exc:  # documented never to raise; belt and braces on the request path
             log.error("prediction capture failed: %s", exc)
