@@ -107,7 +107,7 @@ def main() -> None:
     one, many = hosts
     per_model = (statistics.mean(memory[many]) - statistics.mean(memory[one])) / args.models
     print(f"\nmulti-model host: mlpipe serve --models-dir, 2 gunicorn workers, LogisticRegression models "
-          f"(breast_cancer, 30 features, ONNX Runtime); wrk -c{args.connections} {args.seconds} s x {args.rounds} "
+          f"(breast_cancer, 30 features, scored by their linear.json); wrk -c{args.connections} {args.seconds} s x {args.rounds} "
           f"rounds (load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f})\n")
     print(f"{'host':12} {'PSS MB':>8} {'req/s':>8} {'p99 ms':>8}")
     for label in hosts:
