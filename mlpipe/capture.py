@@ -933,13 +933,10 @@ class Recorder:
         out, invalid = [], 0
         host = self.host
         for k, item in enumerate(batch):  # rows of floats as a server's fast path hands them: a matrix, here
-            if type(item[5]) is list and item[5] and all(type(r) is list for r in item[5]):
-                try:
-                    M = np.asarray(item[5], dtype=np.float64)
-                except (ValueError, TypeError):
-                    continue
-                if M.ndim == 2:
-                    batch[k] = (*item[:5], M, *item[6:])
+            X = item[5]
+            if type(X) is list and X and all(type(r) is list and len(r) == len(X[0]) and all(type(v) is float for v in r)
+                                             for r in X):
+                batch[k] = (*item[:5], np.asarray(X, dtype=np.float64), *item[6:])
         ready = _numeric_inputs_json(batch)
         for k, (ts, model, version, request_id, features, X, preds, latency_ms, _size_, n) in enumerate(batch):
             try:

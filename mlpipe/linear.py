@@ -6,9 +6,10 @@ run touches a dozen kernels, an allocator and numpy on the way in and out. A lin
 only one dot product per class, which plain Python does on the parsed JSON lists directly.
 
 At training, ``export`` writes what a linear model computes (``linear.json``: one weight row and
-intercept per class or target, and the means and scales of the scaling steps before it) when the fitted estimator is one scikit-learn
-linear model, alone or after ``StandardScaler`` steps, and only when these numbers give exactly
-the labels (or, for a regressor, the values within 1e-9) scikit-learn predicts on the test split.
+intercept per class or target, and the means and scales of the scaling steps before it) when the
+fitted estimator is one scikit-learn linear model, alone or after ``StandardScaler`` steps, and
+only when these numbers give exactly the labels (or, for a regressor, the values within 1e-9)
+scikit-learn predicts on the test split.
 At serving, ``LinearScorer.labels`` answers requests of up to ``MAX_ROWS`` rows whose values are all
 finite floats; anything else (an integer, a null, a string, an infinite value, a wrong row length)
 returns None and the request goes the general way, with its checks and error messages. Larger

@@ -47,7 +47,7 @@ class LoadedModel:
     _input_dtype: Any = np.float64
     _outputs: list = field(default_factory=list)
     _run: Any = None
-    linear: Any = None               # a mlpipe.linear.LinearScorer for small requests, when the version has one
+    linear: Any = None               # a mlpipe.linear.LinearScorer, when the version has a linear.json
 
     def __post_init__(self):
         sig = self.manifest["signature"]

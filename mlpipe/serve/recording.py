@@ -38,9 +38,9 @@ os.register_at_fork(after_in_child=_new_id_prefix)  # a forked worker draws its 
 
 def request_id(given: str | None) -> str:
     """The client's own id when it is a sane one (X-Request-Id), else a new one: 16 random hex digits
-    drawn once per process (a forked worker draws its own), then a counter (an os.urandom call per request cost ~15 us, a tenth of a
-    one-row prediction). Unique across processes and restarts; not a secret (POST /feedback is behind
-    the same bearer token as the predictions)."""
+    drawn once per process (a forked worker draws its own), then a counter (an os.urandom call per
+    request cost ~15 us, a tenth of a one-row prediction). Unique across processes and restarts; not
+    a secret (POST /feedback is behind the same bearer token as the predictions)."""
     if given and REQUEST_ID_RE.match(given):
         return given
     return f"{_ID_PREFIX['prefix']}{next(_ID_COUNTER):08x}"
